@@ -1,0 +1,53 @@
+"""`hf-taskdistill train --config recipes/<task>/<recipe>.yaml [--any_field value ...]`.
+
+Parses the recipe with TRL's `TrlParser` into `DistillScriptArguments`, `TaskFeatureDistillConfig` and TRL's
+`ModelConfig` (command-line flags override the YAML), then runs `FeatureDistillTrainer` (GKD host,
+`logit_loss: jsd`, the default) or `FeatureDistillSFTTrainer` (`logit_loss: none`). Works under
+`accelerate launch -m hf_taskdistill.cli train --config ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .common import load_datasets, load_student, load_tokenizer, make_parser
+
+
+def run(script_args, training_args, model_args):
+    """Train, save (the selection goes into `config.json`), optionally push; returns the trainer."""
+    from trl import get_peft_config
+
+    from ..trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
+
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("Set the teacher with --teacher_model_name_or_path (a path or Hub id).")
+    sft_host = training_args.logit_loss == "none"
+    tokenizer = load_tokenizer(script_args, model_args, training_args)
+    train, evaluation = load_datasets(script_args, training_args, "prompt_completion" if sft_host else "messages")
+    trainer_cls = FeatureDistillSFTTrainer if sft_host else FeatureDistillTrainer
+    trainer = trainer_cls(
+        model=load_student(script_args, model_args, training_args),
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if getattr(trainer.model, "merge_and_unload", None) is not None and model_args.use_peft:
+        trainer.save_model(f"{training_args.output_dir}/adapter")  # adapter + task_distill.json sidecar
+        trainer.model = trainer.model.merge_and_unload()  # the selection stays on the merged config
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (selection in config.json: task_distill).")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.train_file or script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser(prog="hf-taskdistill train")
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv if argv is not None else sys.argv[1:])
+    run(script_args, training_args, model_args)
+    return 0

@@ -1,0 +1,414 @@
+"""Feature-distillation trainers: thin subclasses of TRL's GKD and SFT trainers.
+
+The host computes its own loss (GKD's generalized JSD, or SFT's cross-entropy) with its own code; gated forward
+hooks capture the student's and teacher's matched layers during that same forward, and the feature term is added
+on top, normalised by the same `num_items_in_batch` as the host loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import textwrap
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from trl import SFTTrainer
+from trl.experimental.gkd import GKDTrainer
+
+from .config import TaskFeatureDistillConfig
+from .hooks import LayerTap, resolve_layer_index
+from .losses import feature_loss, valid_positions
+from .scoring import select_task_units
+from .selection import LayerSelection, UnitSelection, load_unit_selection
+
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_ATTR = "fd_proj"
+PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Trainer.push_to_hub
+
+_FLEX_KD_PAPER = {
+    "title": "Task-Based Flexible Feature Distillation for LLMs",
+    "id": "2507.10155",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{saadi2025taskbased,
+            title        = {{Task-Based Flexible Feature Distillation for LLMs}},
+            author       = {Khouloud Saadi and Di Wang},
+            year         = 2025,
+            eprint       = {arXiv:2507.10155},
+        }"""),
+}
+
+
+def _text_config(model_or_path: Any, init_kwargs: dict | None = None):
+    if isinstance(model_or_path, (str, os.PathLike)):
+        kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code", "token")}
+        return AutoConfig.from_pretrained(model_or_path, **kwargs).get_text_config()
+    model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
+    return model.config.get_text_config()
+
+
+def _check_dataset_columns(dataset, needed: list[tuple[str, ...]], host: str, hint: str) -> None:
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or columns is None:
+        return
+    if isinstance(columns, dict):  # DatasetDict
+        raise ValueError(f"Pass a single split (e.g. dataset['train']), not a DatasetDict with {list(columns)}.")
+    if not any(all(c in columns for c in option) for option in needed):
+        wanted = " or ".join("+".join(option) for option in needed)
+        raise ValueError(f"The {host} trainer needs dataset column(s) {wanted}; the dataset has {columns}. {hint}")
+
+
+class _FeatureDistillMixin:
+    """Selection, taps, projector and the feature term, shared by both hosts."""
+
+    _host_loss_name = "loss"
+    _default_logit_loss = "jsd"
+
+    # ----- set-up, before any training step -----
+    def _precheck(self, model, teacher_model, args: TaskFeatureDistillConfig) -> None:
+        if not isinstance(args, TaskFeatureDistillConfig):
+            raise TypeError(f"args must be a TaskFeatureDistillConfig, got {type(args).__name__}.")
+        if args.logit_loss is not None and args.logit_loss != self._default_logit_loss:
+            other = "FeatureDistillSFTTrainer" if args.logit_loss == "none" else "FeatureDistillTrainer"
+            raise ValueError(
+                f"{type(self).__name__} trains with logit_loss={self._default_logit_loss!r}, but the config asks "
+                f"for {args.logit_loss!r}: use {other} (the CLI picks it from logit_loss)."
+            )
+        if teacher_model is None:
+            raise ValueError("A teacher is required: pass `teacher_model` (a model or a path / Hub id).")
+        student_cfg = _text_config(model, getattr(args, "model_init_kwargs", None))
+        teacher_cfg = _text_config(teacher_model, args.teacher_model_init_kwargs)
+        if student_cfg.vocab_size != teacher_cfg.vocab_size:
+            raise ValueError(
+                f"Vocabulary mismatch: the student has vocab_size {student_cfg.vocab_size}, the teacher "
+                f"{teacher_cfg.vocab_size}. Logit KD and feature KD both need one shared tokenizer: build the student "
+                "on the teacher's tokenizer (same vocab_size)."
+            )
+        d_s, d_t = student_cfg.hidden_size, teacher_cfg.hidden_size
+        k = args.selection_num_units
+        if args.feature_loss_weight > 0 and not args.feature_projector:
+            if k is None and d_s > d_t:
+                raise ValueError(
+                    f"The student (hidden size {d_s}) is wider than the teacher ({d_t}), so {d_s} teacher units "
+                    f"cannot be selected. Set `selection_num_units` <= {d_t} (only the first k student units are "
+                    "then matched), or use `feature_projector=True`."
+                )
+            if k is not None and k > min(d_s, d_t):
+                raise ValueError(
+                    f"selection_num_units={k} exceeds min(student hidden size {d_s}, teacher hidden size {d_t})."
+                )
+        for s_layer, t_layer in args.layer_pairs:
+            resolve_layer_index(s_layer, student_cfg.num_hidden_layers, "student")
+            resolve_layer_index(t_layer, teacher_cfg.num_hidden_layers, "teacher")
+
+    def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, teacher_id: str | None) -> None:
+        args: TaskFeatureDistillConfig = self.args
+        self._fd_teacher = teacher
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self._fd_active = args.feature_loss_weight > 0
+        self.unit_selection: UnitSelection | None = None
+        self._student_tap = self._teacher_tap = None
+        if not self._fd_active:
+            return
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
+        pairs = [
+            (
+                resolve_layer_index(s, s_cfg.num_hidden_layers, "student"),
+                resolve_layer_index(t, t_cfg.num_hidden_layers, "teacher"),
+            )
+            for s, t in args.layer_pairs
+        ]
+        selection = self._resolve_selection(unit_selection, teacher, teacher_id, pairs, s_cfg, t_cfg)
+        self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
+        self.unit_selection = selection
+        selection.attach_to(self.model)
+
+        device = next(teacher.parameters()).device
+        gather = {}
+        if selection.selection_method != "projector":
+            gather = {ls.teacher_layer: torch.tensor(ls.indices, dtype=torch.long, device=device) for ls in selection.layers}
+        self._fd_var = [
+            None if ls.teacher_std is None else torch.tensor(ls.teacher_std, dtype=torch.float32).pow(2)
+            for ls in selection.layers
+        ]
+        if args.feature_loss_type == "nmse" and any(v is None for v in self._fd_var):
+            raise ValueError("feature_loss_type='nmse' needs the teacher unit std from a scoring pass (not stored).")
+        self._student_tap = LayerTap(self.model, [ls.student_layer for ls in selection.layers])
+        self._teacher_tap = LayerTap(teacher, [ls.teacher_layer for ls in selection.layers], gather, detach=True)
+        if selection.selection_method == "projector":
+            self._add_projector(student, s_cfg.hidden_size, t_cfg.hidden_size, len(selection.layers))
+
+    def _resolve_selection(self, unit_selection, teacher, teacher_id, pairs, s_cfg, t_cfg) -> UnitSelection:
+        args: TaskFeatureDistillConfig = self.args
+        if unit_selection is None and args.selection_path:
+            unit_selection = args.selection_path
+        if unit_selection is not None:
+            selection = load_unit_selection(unit_selection)
+            logger.info("Reusing a stored unit selection (%s); scoring skipped.", selection.selection_method)
+            return selection
+        if args.feature_projector:
+            return UnitSelection(
+                layers=[LayerSelection(s, t, None) for s, t in pairs],
+                selection_method="projector",
+                teacher_hidden_size=t_cfg.hidden_size,
+                student_hidden_size=s_cfg.hidden_size,
+                teacher={"model_id": teacher_id, "revision": getattr(teacher.config, "_commit_hash", None)},
+            )
+        k = args.selection_num_units or s_cfg.hidden_size
+        batches = self._scoring_batches()
+        return select_task_units(
+            teacher,
+            batches,
+            num_units=k,
+            layer_pairs=pairs,
+            method=args.selection_method,
+            order=args.selection_order,
+            seed=args.selection_seed,
+            student_hidden_size=s_cfg.hidden_size,
+            teacher_id=teacher_id,
+            teacher_revision=getattr(teacher.config, "_commit_hash", None),
+            show_progress=not args.disable_tqdm,
+        )
+
+    def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
+        args: TaskFeatureDistillConfig = self.args
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ValueError("Unit selection needs a train_dataset to score on (or pass `selection_path`).")
+        if not hasattr(dataset, "select"):
+            raise ValueError("Unit selection needs a map-style datasets.Dataset; pass `selection_path` otherwise.")
+        n = min(args.selection_num_samples, len(dataset))
+        subset = dataset.shuffle(seed=args.selection_seed).select(range(n))
+        if args.remove_unused_columns:
+            subset = self._remove_unused_columns(subset, description="scoring")
+        batch_size = args.selection_batch_size or args.per_device_train_batch_size
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
+        return list(loader)
+
+    @staticmethod
+    def _check_selection(selection: UnitSelection, d_s: int, d_t: int, s_cfg, t_cfg) -> None:
+        if selection.teacher_hidden_size != d_t:
+            raise ValueError(
+                f"The stored selection was made for a teacher of hidden size {selection.teacher_hidden_size}, but "
+                f"this teacher has {d_t}. Re-run the selection for this teacher."
+            )
+        for ls in selection.layers:
+            if ls.k > d_s:
+                raise ValueError(f"The stored selection has {ls.k} units, more than the student's hidden size {d_s}.")
+            resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
+            resolve_layer_index(ls.teacher_layer, t_cfg.num_hidden_layers, "teacher")
+
+    def _add_projector(self, student: PreTrainedModel, d_s: int, d_t: int, n_pairs: int) -> None:
+        # A submodule of the student, so the optimizer, DDP and DeepSpeed see it; kept out of `save_pretrained`.
+        param = next(student.parameters())
+        proj = nn.ModuleDict({str(i): nn.Linear(d_s, d_t, bias=False) for i in range(n_pairs)})
+        student.add_module(PROJECTOR_ATTR, proj.to(device=param.device, dtype=param.dtype))
+        ignore = {f"{PROJECTOR_ATTR}.{i}.weight" for i in range(n_pairs)}
+        student._keys_to_ignore_on_save = set(student._keys_to_ignore_on_save or ()) | ignore
+
+    def _projector(self) -> nn.ModuleDict | None:
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(student, PROJECTOR_ATTR, None)
+
+    # ----- the loss -----
+    def _teacher_forward(self, inputs: dict[str, Any]) -> None:
+        """Run the teacher where the host does not (SFT host); the GKD host already runs it."""
+
+    def _process_factor(self, num_items_in_batch) -> int:
+        return 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self._fd_active:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._log_host(result[0] if return_outputs else result, inputs, num_items_in_batch)
+            return result
+        with self._student_tap.capture() as student_out, self._teacher_tap.capture() as teacher_out:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._teacher_forward(inputs)
+        host = result[0] if return_outputs else result
+        feature = self._feature_term(student_out, teacher_out, inputs["labels"], num_items_in_batch)
+        loss = host + self.args.feature_loss_weight * feature.to(host.device, host.dtype)
+        self._log_host(host, inputs, num_items_in_batch)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _feature_term(self, student_out, teacher_out, labels, num_items_in_batch) -> torch.Tensor:
+        mask = valid_positions(labels)
+        projector = self._projector()
+        terms, means, corrs = [], [], []
+        for i, ls in enumerate(self.unit_selection.layers):
+            student_h = student_out[ls.student_layer]
+            teacher_h = teacher_out[ls.teacher_layer]  # (B, T, k) selected units, or (B, T, d_T) for the projector
+            if projector is not None:
+                student_h = projector[str(i)](student_h)  # (B, T, d_T)
+            else:
+                student_h = student_h[..., : teacher_h.shape[-1]]  # (B, T, k) student units aligned to indices
+            out = feature_loss(student_h, teacher_h.to(student_h.device), mask.to(student_h.device),
+                               self.args.feature_loss_type, self._fd_var[i])  # fmt: skip
+            if num_items_in_batch is None:
+                terms.append(out.mean)
+            else:
+                denom = torch.as_tensor(num_items_in_batch, device=out.loss_sum.device).clamp(min=1)
+                terms.append(out.loss_sum / denom * self._process_factor(num_items_in_batch))
+            means.append(out.mean.detach())
+            if out.mean_corr is not None:
+                corrs.append(out.mean_corr)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["feature_loss"].append(float(torch.stack(means).mean()))
+        if corrs:
+            self._metrics[mode]["feature_corr"].append(sum(corrs) / len(corrs))
+        return torch.stack(terms).mean()
+
+    def _log_host(self, host: torch.Tensor, inputs, num_items_in_batch) -> None:
+        # Log the host term as a per-token mean of this micro-batch, comparable with `feature_loss`.
+        value = host.detach().float()
+        if num_items_in_batch is not None and "labels" in inputs:
+            local = (inputs["labels"][:, 1:] != -100).sum().clamp(min=1)
+            value = value * torch.as_tensor(num_items_in_batch).to(value.device) / local.to(value.device)
+            value = value / self._process_factor(num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode][self._host_loss_name].append(float(value))
+
+    # ----- saving and resuming -----
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.unit_selection is not None:
+            self.unit_selection.attach_to(self.model)  # config.json carries the selection
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save or self.unit_selection is None:
+            return
+        # The adapter directory of a PEFT student has no config.json: write the sidecar there too.
+        self.unit_selection.save(output_dir, sidecar=hasattr(self.model, "get_base_model"))
+        projector = self._projector()
+        if projector is not None:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
+            save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projector = self._projector()
+        path = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
+        if projector is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            projector.load_state_dict(load_file(path, device=str(next(projector.parameters()).device)))
+
+    # ----- model card and Hub (implementation in model_card.py / hub.py) -----
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """Write `README.md` (and the unit-score plot) into `output_dir` with the package's own template.
+
+        Replaces TRL's card: names the teacher, the method, the layers and k, fixes `base_model` for local
+        students and the `licence` typo, and accepts `license=` / `eval_results=` from `push_to_hub(**kwargs)`.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_trainer_model_card
+
+        write_trainer_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+
+
+class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
+    """TRL's [`~trl.experimental.gkd.GKDTrainer`] plus task-selected feature distillation.
+
+    The loss is GKD's generalized JSD (off-policy with `lmbda=0`, on-policy with `lmbda>0`) plus
+    `feature_loss_weight` times the feature loss between the student's matched layer and the teacher's selected
+    units. Before training, the teacher's units are scored on `selection_num_samples` training examples (unless a
+    selection is given); the selection is stored in the student's `config.json` under `task_distill`.
+
+    Args:
+        model: the student ([`~transformers.PreTrainedModel`] or path / Hub id).
+        teacher_model: the teacher (model or path / Hub id); same vocabulary as the student.
+        args: a [`TaskFeatureDistillConfig`].
+        train_dataset: a dataset with a `messages` column (conversational), as for GKD.
+        unit_selection: optional [`UnitSelection`], model, path or Hub id whose stored selection is reused.
+        **kwargs: everything else [`~trl.experimental.gkd.GKDTrainer`] takes (`processing_class`, `peft_config`,
+            `eval_dataset`, `data_collator`, `callbacks`, ...).
+    """
+
+    _tag_names = ["trl", "gkd", "hf_taskdistill", "feature-distillation", "distillation"]
+    _name = "Task-based feature distillation (GKD host)"
+    _paper = _FLEX_KD_PAPER
+    _host_loss_name = "jsd_loss"
+    _default_logit_loss = "jsd"
+
+    def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
+                 train_dataset=None, unit_selection=None, **kwargs):  # fmt: skip
+        args = args if args is not None else TaskFeatureDistillConfig(output_dir="outputs")
+        self._precheck(model, teacher_model, args)
+        _check_dataset_columns(
+            train_dataset, [("messages",)], "GKD-host",
+            "Map prompt/completion data to {'messages': [...prompt turns, assistant turn]} first, e.g. with "
+            "hf_taskdistill.data.to_messages, or use FeatureDistillSFTTrainer.",
+        )  # fmt: skip
+        teacher_id = teacher_model if isinstance(teacher_model, str) else (teacher_model.config._name_or_path or None)
+        super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
+        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
+
+
+class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
+    """TRL's [`~trl.SFTTrainer`] (cross-entropy on the gold completion) plus task-selected feature distillation.
+
+    No logit KD: the teacher runs backbone-only (no LM head, no logits) under `no_grad`, and only its tapped layers
+    are kept. Takes every dataset format SFT takes (`prompt`/`completion`, `messages`, `text`). With
+    `feature_loss_weight=0` this is the plain SFT baseline.
+
+    Args:
+        model: the student.
+        teacher_model: the teacher (model or path / Hub id).
+        args: a [`TaskFeatureDistillConfig`] (`beta`, `lmbda` and the other GKD fields are unused).
+        unit_selection: optional stored selection to reuse.
+        **kwargs: everything else [`~trl.SFTTrainer`] takes.
+    """
+
+    _tag_names = ["trl", "sft", "hf_taskdistill", "feature-distillation", "distillation"]
+    _name = "Task-based feature distillation (SFT host)"
+    _paper = _FLEX_KD_PAPER
+    _host_loss_name = "ce_loss"
+    _default_logit_loss = "none"
+
+    def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
+                 train_dataset=None, unit_selection=None, **kwargs):  # fmt: skip
+        args = args if args is not None else TaskFeatureDistillConfig(output_dir="outputs")
+        self._precheck(model, teacher_model, args)
+        _check_dataset_columns(
+            train_dataset, [("prompt", "completion"), ("messages",), ("text",), ("input_ids",)], "SFT-host",
+            "Map instruction data to prompt/completion first (hf_taskdistill.data).",
+        )  # fmt: skip
+        teacher_id = teacher_model if isinstance(teacher_model, str) else (teacher_model.config._name_or_path or None)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if isinstance(teacher_model, str):
+            init_kwargs = dict(args.teacher_model_init_kwargs or {})
+            if init_kwargs.get("dtype") not in (None, "auto"):
+                init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
+            teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
+
+    def _teacher_forward(self, inputs: dict[str, Any]) -> None:
+        # Backbone only: the taps need hidden states, not the (B, T, V) logits.
+        keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")  # fmt: skip
+        teacher_inputs = {k: inputs[k] for k in keys if k in inputs}
+        self.teacher_model.eval()
+        with torch.no_grad():
+            self._fd_teacher.base_model(**teacher_inputs, use_cache=False)
+
+    def _process_factor(self, num_items_in_batch) -> int:
+        # Mirror SFT: a window-wide token count across ranks is multiplied back by the number of processes.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes
+        return 1

@@ -222,18 +222,27 @@ class _FeatureDistillMixin:
     def _teacher_forward(self, inputs: dict[str, Any]) -> None:
         """Run the teacher where the host does not (SFT host); the GKD host already runs it."""
 
-    def _process_factor(self, num_items_in_batch) -> int:
+    def _token_factor(self, num_items_in_batch) -> int:
+        """`num_items_in_batch` counts the tokens of every rank while DDP averages gradients: multiply back by the
+        number of processes, as `Trainer.compute_loss` and SFT do."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return self.accelerator.num_processes
+        return 1
+
+    def _host_correction(self, num_items_in_batch) -> int:
+        """Factor applied to the host loss so it follows the rule above (1 where the host already does)."""
         return 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._fd_active:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self._log_host(result[0] if return_outputs else result, inputs, num_items_in_batch)
-            return result
+            host = (result[0] if return_outputs else result) * self._host_correction(num_items_in_batch)
+            self._log_host(host, inputs, num_items_in_batch)
+            return (host, result[1]) if return_outputs else host
         with self._student_tap.capture() as student_out, self._teacher_tap.capture() as teacher_out:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self._teacher_forward(inputs)
-        host = result[0] if return_outputs else result
+        host = (result[0] if return_outputs else result) * self._host_correction(num_items_in_batch)
         feature = self._feature_term(student_out, teacher_out, inputs["labels"], num_items_in_batch)
         loss = host + self.args.feature_loss_weight * feature.to(host.device, host.dtype)
         self._log_host(host, inputs, num_items_in_batch)
@@ -256,7 +265,7 @@ class _FeatureDistillMixin:
                 terms.append(out.mean)
             else:
                 denom = torch.as_tensor(num_items_in_batch, device=out.loss_sum.device).clamp(min=1)
-                terms.append(out.loss_sum / denom * self._process_factor(num_items_in_batch))
+                terms.append(out.loss_sum / denom * self._token_factor(num_items_in_batch))
             means.append(out.mean.detach())
             if out.mean_corr is not None:
                 corrs.append(out.mean_corr)
@@ -272,7 +281,7 @@ class _FeatureDistillMixin:
         if num_items_in_batch is not None and "labels" in inputs:
             local = (inputs["labels"][:, 1:] != -100).sum().clamp(min=1)
             value = value * torch.as_tensor(num_items_in_batch).to(value.device) / local.to(value.device)
-            value = value / self._process_factor(num_items_in_batch)
+            value = value / self._token_factor(num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode][self._host_loss_name].append(float(value))
 
@@ -339,6 +348,11 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
     _paper = _FLEX_KD_PAPER
     _host_loss_name = "jsd_loss"
     _default_logit_loss = "jsd"
+
+    def _host_correction(self, num_items_in_batch) -> int:
+        # TRL's GKD divides by the all-rank token count but, unlike Trainer and SFT, does not multiply by the number
+        # of processes, so its gradient shrinks with the world size. Restore Trainer's rule.
+        return self._token_factor(num_items_in_batch)
 
     def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
                  train_dataset=None, unit_selection=None, **kwargs):  # fmt: skip
@@ -407,8 +421,3 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
         with torch.no_grad():
             self._fd_teacher.base_model(**teacher_inputs, use_cache=False)
 
-    def _process_factor(self, num_items_in_batch) -> int:
-        # Mirror SFT: a window-wide token count across ranks is multiplied back by the number of processes.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            return self.accelerator.num_processes
-        return 1

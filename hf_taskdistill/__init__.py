@@ -6,11 +6,11 @@ import os as _os
 # trl.experimental warns on import; the GKD host lives there (pinned trl==1.16.*).
 _os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from .config import TaskFeatureDistillConfig  # noqa: E402
-from .losses import feature_distillation_loss, feature_loss  # noqa: E402
-from .scoring import select_task_units  # noqa: E402
-from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection  # noqa: E402
-from .trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer  # noqa: E402
+from .config import TaskFeatureDistillConfig
+from .losses import feature_distillation_loss, feature_loss
+from .scoring import select_task_units
+from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection
+from .trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
 
 
 try:

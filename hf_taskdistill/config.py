@@ -167,7 +167,9 @@ class TaskFeatureDistillConfig(GKDConfig):
         if self.feature_loss_weight < 0:
             raise ValueError(f"feature_loss_weight must be >= 0, got {self.feature_loss_weight}.")
         if self.selection_num_units is not None and self.selection_num_units < 1:
-            raise ValueError(f"selection_num_units must be >= 1 (or None for the student width), got {self.selection_num_units}.")
+            raise ValueError(
+                f"selection_num_units must be >= 1 (or None for the student width), got {self.selection_num_units}."
+            )
         if self.selection_num_samples < 1:
             raise ValueError(f"selection_num_samples must be >= 1, got {self.selection_num_samples}.")
         if self.selection_batch_size is not None and self.selection_batch_size < 1:

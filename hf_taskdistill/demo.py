@@ -59,8 +59,9 @@ def score_answers(model, tokenizer, rows) -> dict[str, float]:
 
     answers = _greedy_answers(model, tokenizer, rows)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    exact = sum(a == r["output"] for a, r in zip(answers, rows)) / len(rows)
-    rouge = sum(scorer.score(r["output"], a)["rougeL"].fmeasure for a, r in zip(answers, rows)) / len(rows)
+    pairs = list(zip(answers, [r["output"] for r in rows], strict=True))
+    exact = sum(a == ref for a, ref in pairs) / len(rows)
+    rouge = sum(scorer.score(ref, a)["rougeL"].fmeasure for a, ref in pairs) / len(rows)
     return {"exact_match": round(100 * exact, 2), "rougeL": round(100 * rouge, 2)}
 
 
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.unit_selection is not None:
             trainer.save_model(f"{run_dir}/final")
             method_dir = f"{run_dir}/final"
-        print(f"[3/4] student (hidden {args.student_hidden}) {name}: {results[name]}  ({time.perf_counter() - start:.0f}s)")
+        print(
+            f"[3/4] student (hidden {args.student_hidden}) {name}: {results[name]}  ({time.perf_counter() - start:.0f}s)"
+        )
 
     width = max(len(k) for k in results)
     print(f"\n[4/4] held-out task metrics ({len(eval_rows)} examples, greedy):")
@@ -157,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
           f"k={layer.k}, first indices {layer.indices[:8]}, split-half overlap "
           f"{selection.diagnostics.get('split_half_overlap')}")  # fmt: skip
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"results": results, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}, f, indent=2)
+        json.dump(
+            {"results": results, "args": vars(args), "seconds": round(time.perf_counter() - start, 1)}, f, indent=2
+        )
     print(f"Total {time.perf_counter() - start:.0f}s; results in {out}/results.json")
     return 0
 

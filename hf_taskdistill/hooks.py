@@ -87,7 +87,7 @@ class LayerTap:
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             if not self.active:
-                return None
+                return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             if self.detach:
                 hidden = hidden.detach()
@@ -96,7 +96,7 @@ class LayerTap:
                 # (B, T, k): only the selected teacher units
                 hidden = hidden.index_select(-1, index.to(hidden.device))
             self.outputs[layer] = hidden
-            return None
+            return
 
         return hook
 

@@ -169,17 +169,22 @@ def select_task_units(
             half = index % 2
             tap.outputs = {}
             with torch.enable_grad() if need_grad else torch.no_grad():
-                out = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                out = teacher(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                )
                 mask = valid_positions(labels)
                 grads = [None] * len(t_layers)
                 if need_grad:
                     logits = out.logits[:, :-1].float()
                     loss = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+                        logits.reshape(-1, logits.shape[-1]),
+                        labels[:, 1:].reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
                     )
                     hidden = [tap.outputs[layer] for layer in t_layers]
                     grads = torch.autograd.grad(loss, hidden, allow_unused=True)
-            for layer, grad in zip(t_layers, grads):
+            for layer, grad in zip(t_layers, grads, strict=True):
                 acts = tap.outputs[layer].detach()[mask].float()  # (N, d_T) completion positions only
                 score = None
                 if need_grad:

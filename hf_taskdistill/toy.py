@@ -68,7 +68,13 @@ def make_toy_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 6)
     for _ in range(n):
         op = rng.choice(OPERATIONS)
         items = [rng.choice(SYMBOLS) for _ in range(rng.randint(min_len, max_len))]
-        rows.append({"instruction": f"please do {op} : the list", "input": " ".join(items), "output": " ".join(solve(op, items))})
+        rows.append(
+            {
+                "instruction": f"please do {op} : the list",
+                "input": " ".join(items),
+                "output": " ".join(solve(op, items)),
+            }
+        )
     return rows
 
 
@@ -88,7 +94,9 @@ def to_prompt_completion(row: dict[str, str]) -> dict[str, list[dict[str, str]]]
     return {"prompt": msgs[:1], "completion": msgs[1:]}
 
 
-def tiny_llama(vocab_size: int, hidden_size: int = 16, num_layers: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int, hidden_size: int = 16, num_layers: int = 2, seed: int = 0, **overrides
+) -> LlamaForCausalLM:
     """A randomly initialised Llama causal LM of a few thousand parameters (deterministic for a seed)."""
     import torch
 

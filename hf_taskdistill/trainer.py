@@ -134,7 +134,9 @@ class _FeatureDistillMixin:
         device = next(teacher.parameters()).device
         gather = {}
         if selection.selection_method != "projector":
-            gather = {ls.teacher_layer: torch.tensor(ls.indices, dtype=torch.long, device=device) for ls in selection.layers}
+            gather = {
+                ls.teacher_layer: torch.tensor(ls.indices, dtype=torch.long, device=device) for ls in selection.layers
+            }
         self._fd_var = [
             None if ls.teacher_std is None else torch.tensor(ls.teacher_std, dtype=torch.float32).pow(2)
             for ls in selection.layers
@@ -420,4 +422,3 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
         self.teacher_model.eval()
         with torch.no_grad():
             self._fd_teacher.base_model(**teacher_inputs, use_cache=False)
-

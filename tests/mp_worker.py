@@ -23,7 +23,11 @@ def build(world_batch: int, per_device: int, out_dir: str):
     from hf_taskdistill.toy import build_toy_tokenizer, make_toy_examples, tiny_llama, to_messages
 
     tokenizer = build_toy_tokenizer()
-    rows = [r for r in make_toy_examples(200, seed=3, min_len=4, max_len=4) if r["instruction"].split()[2] in ("copy", "reverse", "sort")]
+    rows = [
+        r
+        for r in make_toy_examples(200, seed=3, min_len=4, max_len=4)
+        if r["instruction"].split()[2] in ("copy", "reverse", "sort")
+    ]
     dataset = Dataset.from_list([to_messages(r) for r in rows[:32]])
     teacher = tiny_llama(len(tokenizer), 32, 3, seed=1)
     student = tiny_llama(len(tokenizer), 16, 2, seed=2)

@@ -104,7 +104,8 @@ def test_sum_forms_are_exactly_gradient_accumulation_invariant(loss_type):
     n_items = (labels[:, 1:] != -100).sum()
     full = feature_distillation_loss(s, t, labels, loss_type, num_items_in_batch=n_items, teacher_var=var)
     halves = sum(
-        feature_distillation_loss(s[i : i + 2], t[i : i + 2], labels[i : i + 2], loss_type, n_items, var) for i in (0, 2)
+        feature_distillation_loss(s[i : i + 2], t[i : i + 2], labels[i : i + 2], loss_type, n_items, var)
+        for i in (0, 2)
     )
     assert torch.allclose(full, halves, atol=1e-6)
     assert torch.allclose(full, feature_distillation_loss(s, t, labels, loss_type, teacher_var=var), atol=1e-6)
@@ -117,7 +118,10 @@ def test_correlation_is_approximately_gradient_accumulation_invariant():
     labels = _labels(8, 12, 3)
     n_items = (labels[:, 1:] != -100).sum()
     full = feature_distillation_loss(s, t, labels, "correlation", n_items)
-    halves = sum(feature_distillation_loss(s[i : i + 4], t[i : i + 4], labels[i : i + 4], "correlation", n_items) for i in (0, 4))
+    halves = sum(
+        feature_distillation_loss(s[i : i + 4], t[i : i + 4], labels[i : i + 4], "correlation", n_items)
+        for i in (0, 4)
+    )
     assert halves.item() == pytest.approx(full.item(), rel=0.1)
 
 

@@ -45,7 +45,7 @@ def test_scoring_is_deterministic_and_leaves_teacher_untouched(teacher, tokenize
     before = {n: p.clone() for n, p in teacher.named_parameters()}
     a = select_task_units(teacher, batches, 8, [(0, 0), (1, 2)], show_progress=False)
     b = select_task_units(teacher, batches, 8, [(0, 0), (1, 2)], show_progress=False)
-    assert [l.indices for l in a.layers] == [l.indices for l in b.layers]
+    assert [x.indices for x in a.layers] == [x.indices for x in b.layers]
     assert torch.equal(a.full_scores[1], b.full_scores[1])
     for n, p in teacher.named_parameters():
         assert p.grad is None and torch.equal(p, before[n])
@@ -59,11 +59,15 @@ def test_scores_match_a_direct_autograd_reference(teacher, tokenizer, messages_d
     batch = _batches(messages_dataset, tokenizer, bs=32)[0]
     sel = select_task_units(teacher, [batch], 32, [(1, 1)], show_progress=False)
     captured = {}
-    handle = teacher.model.layers[1].register_forward_hook(lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    handle = teacher.model.layers[1].register_forward_hook(
+        lambda m, a, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o)
+    )
     teacher.eval()
     embeds = teacher.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
     logits = teacher(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits[:, :-1]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+    )
     (grad,) = torch.autograd.grad(loss, captured["h"])
     handle.remove()
     mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
@@ -92,7 +96,6 @@ def test_no_completion_token_is_an_error(teacher, tokenizer, messages_dataset):
     batch["labels"][:] = -100
     with pytest.raises(ValueError, match="no completion token"):
         select_task_units(teacher, [batch], 4, [(1, 2)], show_progress=False)
-
 
 
 def test_round_trip_through_dict_config_and_files(teacher, tokenizer, messages_dataset, student, tmp_path):

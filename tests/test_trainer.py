@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 import torch
@@ -70,10 +69,15 @@ def test_sft_host_trains_with_cross_entropy(student, teacher, tokenizer, prompt_
     assert all(not torch.equal(p, s_before[n]) for n, p in student.named_parameters())
     _assert_teacher_frozen(teacher, t_before)
     assert len(_logged(trainer, "ce_loss")) == 3 and len(_logged(trainer, "feature_loss")) == 3
-    assert [(l["student_layer"], l["teacher_layer"]) for l in student.config.task_distill["layers"]] == [(0, 1), (1, 2)]
+    assert [(layer["student_layer"], layer["teacher_layer"]) for layer in student.config.task_distill["layers"]] == [
+        (0, 1),
+        (1, 2),
+    ]
 
 
-def test_sft_baseline_without_feature_term_runs_no_teacher(student, teacher, tokenizer, prompt_completion_dataset, tmp_path):
+def test_sft_baseline_without_feature_term_runs_no_teacher(
+    student, teacher, tokenizer, prompt_completion_dataset, tmp_path
+):
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
     args = make_config(tmp_path, feature_loss_weight=0.0)
@@ -105,7 +109,9 @@ def test_feature_term_is_gradient_accumulation_invariant(tokenizer, teacher, tmp
         args = make_config(tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
                            optim="sgd", learning_rate=1.0, feature_loss_type=loss_type, feature_loss_weight=5.0,
                            selection_num_samples=8, lr_scheduler_type="constant", max_grad_norm=0.0)  # fmt: skip
-        trainer = trainer_cls(model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = trainer_cls(
+            model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
         before = _snapshot(student)
         trainer.train()
         results.append({n: p.detach() - before[n] for n, p in student.named_parameters()})

@@ -54,20 +54,28 @@ def make_parser(prog: str) -> TrlParser:
     return TrlParser((DistillScriptArguments, TaskFeatureDistillConfig, ModelConfig), prog=prog)
 
 
-def load_tokenizer(script_args: DistillScriptArguments, model_args: ModelConfig, training_args: TaskFeatureDistillConfig):
+def load_tokenizer(
+    script_args: DistillScriptArguments, model_args: ModelConfig, training_args: TaskFeatureDistillConfig
+):
     from transformers import AutoTokenizer
 
     from ..data import ensure_chat_template
 
-    name = script_args.tokenizer_name_or_path or model_args.model_name_or_path or training_args.teacher_model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=model_args.model_revision if name == model_args.model_name_or_path else None)
+    name = (
+        script_args.tokenizer_name_or_path or model_args.model_name_or_path or training_args.teacher_model_name_or_path
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        name, revision=model_args.model_revision if name == model_args.model_name_or_path else None
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer, script_args.prompt_template)
     return tokenizer
 
 
-def load_student(script_args: DistillScriptArguments, model_args: ModelConfig, training_args: TaskFeatureDistillConfig):
+def load_student(
+    script_args: DistillScriptArguments, model_args: ModelConfig, training_args: TaskFeatureDistillConfig
+):
     """The student model: pretrained weights, or a fresh model from a (narrowed) config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

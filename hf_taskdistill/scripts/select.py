@@ -71,6 +71,8 @@ def run(script_args, training_args, model_args):
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser(prog="hf-taskdistill select")
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv if argv is not None else sys.argv[1:])
+    script_args, training_args, model_args = parser.parse_args_and_config(
+        args=argv if argv is not None else sys.argv[1:]
+    )
     run(script_args, training_args, model_args)
     return 0

@@ -326,6 +326,15 @@ class _FeatureDistillMixin:
 
         write_trainer_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
 
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, private=None,
+                    **kwargs):  # fmt: skip
+        """`Trainer.push_to_hub` (save, card, upload), plus: a missing `revision` branch is created first, and Hub
+        errors raise `hf_taskdistill.hub.HubPushError` naming the repo and endpoint, with the token scrubbed."""
+        from .hub import trainer_push_to_hub
+
+        return trainer_push_to_hub(self, super().push_to_hub, commit_message=commit_message, blocking=blocking,
+                                   token=token, revision=revision, private=private, **kwargs)  # fmt: skip
+
 
 class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
     """TRL's [`~trl.experimental.gkd.GKDTrainer`] plus task-selected feature distillation.

@@ -198,16 +198,18 @@ def _prepare_card(local: Path, staging: Path, files: dict[str, Path], repo_id: s
                 if plot_file:
                     files[PLOT_NAME] = staging / PLOT_NAME
         logit = {"generalized_jsd": "jsd", "none": "none"}.get(dist.get("logit_loss"))
+        # The trainer records its settings in config.json (`task_distill.training`); a previous card fills gaps.
+        trained = (selection.training if selection is not None else None) or {}
         card = build_model_card(
             selection,
             repo_id=repo_id,
             base_model=base or previous.get("base_model"),
             dataset_name=previous.get("datasets"),
-            logit_loss=logit,
-            beta=dist.get("beta"),
-            lmbda=dist.get("lmbda"),
-            feature_loss_type=dist.get("feature_loss"),
-            feature_loss_weight=dist.get("feature_loss_weight"),
+            logit_loss=trained.get("logit_loss") or logit,
+            beta=trained.get("beta", dist.get("beta")),
+            lmbda=trained.get("lmbda", dist.get("lmbda")),
+            feature_loss_type=trained.get("feature_loss_type") or dist.get("feature_loss"),
+            feature_loss_weight=trained.get("feature_loss_weight", dist.get("feature_loss_weight")),
             license=license or previous.get("license"),
             tags=[t for t in previous.get("tags") or [] if t != "generated_from_trainer"],
             eval_results=eval_results if rows else _rows_from_model_index(existing if ours else None),

@@ -240,7 +240,12 @@ def select_task_units(
         full_scores.append(total.float().cpu())
 
     elapsed = time.perf_counter() - start
-    diagnostics = {"scoring_seconds": round(elapsed, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1)}
+    diagnostics = {
+        "scoring_seconds": round(elapsed, 3),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        # CUDA: peak allocated during scoring; CPU: the whole process's peak RSS so far (an upper bound)
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+    }
     if overlaps:
         diagnostics["split_half_overlap"] = [round(o, 4) for o in overlaps]
     if shares:

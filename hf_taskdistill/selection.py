@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 SELECTION_METHODS = ("grad", "grad_x_act", "random", "projector")
 _TOP_KEYS = {
     "format_version", "library_version", "teacher", "selection_method", "selection_order", "num_samples",
-    "num_tokens", "seed", "teacher_hidden_size", "student_hidden_size", "layers", "diagnostics",
+    "num_tokens", "seed", "teacher_hidden_size", "student_hidden_size", "layers", "diagnostics", "training",
 }  # fmt: skip
 _LAYER_KEYS = {"student_layer", "teacher_layer", "indices", "scores", "teacher_mean", "teacher_std"}
 
@@ -78,6 +78,8 @@ class UnitSelection:
         teacher: `{"model_id", "revision"}` when known.
         teacher_hidden_size / student_hidden_size: d_T and d_S at selection time.
         diagnostics: scoring wall time, peak memory, split-half top-k overlap, selected score-mass share.
+        training: the distillation settings the trainer used (logit loss, beta, lmbda, feature loss type and
+            weight), recorded for the model card.
         full_scores: per layer pair, the (d_T,) score of every teacher unit (kept out of `config.json`).
     """
 
@@ -91,6 +93,7 @@ class UnitSelection:
     seed: int = 0
     teacher: dict[str, str | None] = field(default_factory=lambda: {"model_id": None, "revision": None})
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
     library_version: str = field(default_factory=_library_version)
     full_scores: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -228,6 +231,7 @@ def _parse(data: Any) -> UnitSelection:
         seed=_int(data.get("seed", 0), "seed"),
         teacher={"model_id": teacher.get("model_id"), "revision": teacher.get("revision")},
         diagnostics=dict(data.get("diagnostics") or {}),
+        training=dict(data.get("training") or {}),
         library_version=str(data.get("library_version", "unknown")),
     )
 

@@ -53,6 +53,15 @@ def _text_config(model_or_path: Any, init_kwargs: dict | None = None):
     return model.config.get_text_config()
 
 
+def _public_model_id(name_or_path: str | None) -> str | None:
+    """A Hub id as is; a local directory by its folder name only (no local paths in a pushed config.json)."""
+    if not name_or_path:
+        return None
+    if os.path.isdir(name_or_path):
+        return os.path.basename(os.path.normpath(name_or_path))
+    return name_or_path
+
+
 def _check_dataset_columns(dataset, needed: list[tuple[str, ...]], host: str, hint: str) -> None:
     columns = getattr(dataset, "column_names", None)
     if dataset is None or columns is None:
@@ -128,6 +137,15 @@ class _FeatureDistillMixin:
         ]
         selection = self._resolve_selection(unit_selection, teacher, teacher_id, pairs, s_cfg, t_cfg)
         self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
+        selection.training = {
+            "host": self._host_loss_name.split("_")[0],  # "jsd" (GKD host) or "ce" (SFT host)
+            "logit_loss": self._default_logit_loss,
+            "beta": args.beta if self._default_logit_loss == "jsd" else None,
+            "lmbda": args.lmbda if self._default_logit_loss == "jsd" else None,
+            "feature_loss_type": args.feature_loss_type,
+            "feature_loss_weight": args.feature_loss_weight,
+            "feature_projector": args.feature_projector,
+        }
         self.unit_selection = selection
         selection.attach_to(self.model)
 
@@ -374,7 +392,9 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
             "Map prompt/completion data to {'messages': [...prompt turns, assistant turn]} first, e.g. with "
             "hf_taskdistill.data.to_messages, or use FeatureDistillSFTTrainer.",
         )  # fmt: skip
-        teacher_id = teacher_model if isinstance(teacher_model, str) else (teacher_model.config._name_or_path or None)
+        teacher_id = _public_model_id(
+            teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
+        )
         super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
         self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
 
@@ -408,7 +428,9 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
             train_dataset, [("prompt", "completion"), ("messages",), ("text",), ("input_ids",)], "SFT-host",
             "Map instruction data to prompt/completion first (hf_taskdistill.data).",
         )  # fmt: skip
-        teacher_id = teacher_model if isinstance(teacher_model, str) else (teacher_model.config._name_or_path or None)
+        teacher_id = _public_model_id(
+            teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
+        )
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if isinstance(teacher_model, str):
             init_kwargs = dict(args.teacher_model_init_kwargs or {})

@@ -39,6 +39,9 @@ def test_gkd_off_policy_trains_student_only(student, teacher, tokenizer, message
     assert student.config.task_distill["layers"][0]["teacher_layer"] == 2  # last of 3
     assert student.config.task_distill["layers"][0]["student_layer"] == 1  # last of 2
     assert len(student.config.task_distill["layers"][0]["indices"]) == 16  # k = d_S
+    training = student.config.task_distill["training"]
+    assert training["logit_loss"] == "jsd" and training["beta"] == 0.5 and training["lmbda"] == 0.0
+    assert training["feature_loss_type"] == "correlation" and training["feature_loss_weight"] == 1.0
 
 
 def test_gkd_on_policy_generates_and_distils(student, teacher, tokenizer, messages_dataset, tmp_path, monkeypatch):
@@ -69,6 +72,7 @@ def test_sft_host_trains_with_cross_entropy(student, teacher, tokenizer, prompt_
     assert all(not torch.equal(p, s_before[n]) for n, p in student.named_parameters())
     _assert_teacher_frozen(teacher, t_before)
     assert len(_logged(trainer, "ce_loss")) == 3 and len(_logged(trainer, "feature_loss")) == 3
+    assert student.config.task_distill["training"]["logit_loss"] == "none"
     assert [(layer["student_layer"], layer["teacher_layer"]) for layer in student.config.task_distill["layers"]] == [
         (0, 1),
         (1, 2),
@@ -275,3 +279,12 @@ def test_stored_selection_for_another_teacher(student, teacher, tokenizer, messa
 def test_wrong_host_for_logit_loss(student, teacher, tokenizer, messages_dataset, tmp_path):
     with pytest.raises(ValueError, match="use FeatureDistillSFTTrainer"):
         _make(FeatureDistillTrainer, student, teacher, tokenizer, messages_dataset, tmp_path, logit_loss="none")
+
+
+def test_local_teacher_path_is_stored_by_folder_name_only(student, teacher, tokenizer, messages_dataset, tmp_path):
+    teacher.save_pretrained(tmp_path / "private" / "my-teacher")
+    args = make_config(tmp_path, max_steps=1, teacher_model_init_kwargs={"dtype": "float32"})
+    trainer = FeatureDistillTrainer(model=student, teacher_model=str(tmp_path / "private" / "my-teacher"), args=args,
+                                    train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
+    assert trainer.unit_selection.teacher["model_id"] == "my-teacher"
+    assert str(tmp_path) not in json.dumps(student.config.task_distill)

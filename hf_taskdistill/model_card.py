@@ -242,7 +242,7 @@ def plot_unit_scores(selection: UnitSelection, scores, path: str | os.PathLike) 
     try:
         import matplotlib
     except ImportError:
-        logger.warning("matplotlib is not installed (`pip install hf-taskdistill[plot]`): no unit-score plot.")
+        logger.warning("matplotlib is not installed (`pip install matplotlib`): no unit-score plot.")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import TaskFeatureDistillConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,8 +105,59 @@ def load_student(
     )
 
 
-def load_datasets(script_args: DistillScriptArguments, training_args: TaskFeatureDistillConfig, fmt: str):
-    """(train, eval) datasets in the trainer's format: `messages` (GKD host) or `prompt_completion` (SFT host)."""
+def fit_to_max_length(dataset, tokenizer, max_length: int | None, name: str = "train"):
+    """Fit each example into `max_length` tokens, like MiniLLM's preprocessing: an example too long for the window is
+    dropped when its prompt takes more than half of it, else its completion is truncated (first tokens kept).
+
+    Without it TRL's GKD collator keeps the *last* `max_length` tokens (the prompt's start goes first) and raises
+    when a completion alone fills the window. Both hosts get the same examples.
+    """
+    if max_length is None:
+        return dataset
+    prompt_key = "messages" if "messages" in dataset.column_names else "prompt"
+
+    def fit(example):
+        if prompt_key == "messages":
+            prompt, completion = example["messages"][:-1], example["messages"][-1]["content"]
+        else:
+            prompt, completion = example["prompt"], example["completion"]
+            completion = completion if isinstance(completion, str) else completion[-1]["content"]
+        if not isinstance(prompt, str):
+            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        budget = max_length - n_prompt - 4  # room for the end-of-turn / eos tokens
+        cut = len(ids) > budget
+        keep = not cut or n_prompt <= max_length // 2  # an example that fits is always kept
+        cut = cut and keep
+        if cut:
+            completion = tokenizer.decode(ids[:budget])
+            if prompt_key == "messages":
+                example["messages"][-1]["content"] = completion
+            elif isinstance(example["completion"], str):
+                example["completion"] = completion
+            else:
+                example["completion"][-1]["content"] = completion
+        return {**example, "_keep": keep, "_cut": cut}
+
+    dataset = dataset.map(fit)
+    n_cut, n_drop = sum(dataset["_cut"]), len(dataset) - sum(dataset["_keep"])
+    dataset = dataset.filter(lambda e: e["_keep"]).remove_columns(["_keep", "_cut"])
+    if n_cut or n_drop:
+        logger.warning(
+            f"{name}: {n_cut} completions truncated and {n_drop} examples dropped (too long, and the prompt "
+            f"over half of max_length={max_length}); {len(dataset)} examples left. Raise --max_length to keep more."
+        )
+    return dataset
+
+
+def load_datasets(
+    script_args: DistillScriptArguments, training_args: TaskFeatureDistillConfig, fmt: str, tokenizer=None
+):
+    """(train, eval) datasets in the trainer's format: `messages` (GKD host) or `prompt_completion` (SFT host).
+
+    With a tokenizer, examples are fitted to `max_length` ([`fit_to_max_length`]).
+    """
     from ..data import load_task_dataset
 
     source = script_args.train_file or script_args.dataset_name
@@ -114,4 +169,8 @@ def load_datasets(script_args: DistillScriptArguments, training_args: TaskFeatur
     evaluation = None
     if script_args.eval_file and training_args.eval_strategy != "no":
         evaluation = load_task_dataset(script_args.eval_file, **common)
+    if tokenizer is not None:
+        train = fit_to_max_length(train, tokenizer, training_args.max_length)
+        if evaluation is not None:
+            evaluation = fit_to_max_length(evaluation, tokenizer, training_args.max_length, name="eval")
     return train, evaluation

@@ -50,7 +50,7 @@ def run(script_args, training_args, model_args):
             raise ValueError("Negative student layer indices need the student config (--model_name_or_path).")
         pairs.append((s if n_s is None else resolve_layer_index(s, n_s, "student"),
                       resolve_layer_index(t, t_cfg.num_hidden_layers, "teacher")))  # fmt: skip
-    train, _ = load_datasets(script_args, training_args, "messages")
+    train, _ = load_datasets(script_args, training_args, "messages", tokenizer=tokenizer)
     n = min(training_args.selection_num_samples, len(train))
     subset = train.shuffle(seed=training_args.selection_seed).select(range(n))
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=training_args.max_length)

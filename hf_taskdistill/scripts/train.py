@@ -23,7 +23,9 @@ def run(script_args, training_args, model_args):
         raise ValueError("Set the teacher with --teacher_model_name_or_path (a path or Hub id).")
     sft_host = training_args.logit_loss == "none"
     tokenizer = load_tokenizer(script_args, model_args, training_args)
-    train, evaluation = load_datasets(script_args, training_args, "prompt_completion" if sft_host else "messages")
+    train, evaluation = load_datasets(
+        script_args, training_args, "prompt_completion" if sft_host else "messages", tokenizer=tokenizer
+    )
     trainer_cls = FeatureDistillSFTTrainer if sft_host else FeatureDistillTrainer
     trainer = trainer_cls(
         model=load_student(script_args, model_args, training_args),
@@ -39,7 +41,8 @@ def run(script_args, training_args, model_args):
         trainer.save_model(f"{training_args.output_dir}/adapter")  # adapter + task_distill.json sidecar
         trainer.model = trainer.model.merge_and_unload()  # the selection stays on the merged config
     trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Model saved to {training_args.output_dir} (selection in config.json: task_distill).")
+    where = "selection in config.json: task_distill" if trainer.unit_selection is not None else "no feature term"
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir} ({where}).")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.train_file or script_args.dataset_name)
     trainer.end()

@@ -27,7 +27,16 @@ import time
 
 
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-ALL_METHODS = ("sft", "kd", "kd_projector", "kd_projector_mse", "kd_random", "kd_units", "kd_units_gxa", "kd_units_mse")
+ALL_METHODS = (
+    "sft",
+    "kd",
+    "kd_projector",
+    "kd_projector_mse",
+    "kd_random",
+    "kd_units",
+    "kd_units_gxa",
+    "kd_units_mse",
+)
 METHOD_CONFIG = {
     "sft": dict(logit_loss="none", feature_loss_weight=0.0),
     "kd": dict(feature_loss_weight=0.0),
@@ -55,7 +64,9 @@ PROFILES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="preset sizes; flags below override")
     p.add_argument("--output_dir", default="benchmarks/results/dolly-cpu")
     p.add_argument("--data_dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -148,7 +159,9 @@ def _data(args, fmt: str, seed: int, tokenizer):
 
     data = data.map(fit).filter(lambda e: e["keep"]).remove_columns("keep")
     if fmt == "prompt_completion":
-        data = data.map(lambda e: {"prompt": e["messages"][:1], "completion": e["messages"][1:]}, remove_columns="messages")
+        data = data.map(
+            lambda e: {"prompt": e["messages"][:1], "completion": e["messages"][1:]}, remove_columns="messages"
+        )
     return data
 
 
@@ -221,8 +234,15 @@ def run(argv=None) -> dict:
         log("teacher zero-shot evaluation")
         before = _evaluate(teacher, tokenizer, args, eval_sets)
         log(f"teacher SFT: {args.teacher_steps} steps")
-        cfg = _train_config(args, os.path.join(out, "teacher", "run"), 0, args.teacher_steps, args.teacher_learning_rate)
-        sft = SFTTrainer(model=teacher, args=cfg, train_dataset=_data(args, "prompt_completion", 0, tokenizer), processing_class=tokenizer)
+        cfg = _train_config(
+            args, os.path.join(out, "teacher", "run"), 0, args.teacher_steps, args.teacher_learning_rate
+        )
+        sft = SFTTrainer(
+            model=teacher,
+            args=cfg,
+            train_dataset=_data(args, "prompt_completion", 0, tokenizer),
+            processing_class=tokenizer,
+        )
         sft.remove_callback(PrinterCallback)
         sft.train()
         sft.save_model(teacher_dir)
@@ -303,10 +323,12 @@ def aggregate(out: str, args) -> dict:
     fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f}" if v else "–"  # noqa: E731
     lines = ["| method | " + " | ".join(sets) + " | train s (incl. scoring) |", "|---" * (len(sets) + 2) + "|"]
     for name, per_set in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(per_set.get(s, [])) for s in sets) + f" | {costs.get(name, '–')} |")
+        lines.append(
+            f"| {name} | " + " | ".join(fmt(per_set.get(s, [])) for s in sets) + f" | {costs.get(name, '–')} |"
+        )
     table = "\n".join(lines)
     summary = {"metric": f"{metric} F x100 (rouge_score, no stemmer, max over references)", "table": table,
-               "rows": {k: {s: v for s, v in r.items()} for k, r in rows.items()}, "train_seconds": costs}  # fmt: skip
+               "rows": rows, "train_seconds": costs}  # fmt: skip
     _write_json(os.path.join(out, "results.json"), summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")

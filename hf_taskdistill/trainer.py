@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer
+from trl.models.utils import _ForwardRedirection
 
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap, resolve_layer_index
@@ -116,6 +117,20 @@ class _FeatureDistillMixin:
             resolve_layer_index(s_layer, student_cfg.num_hidden_layers, "student")
             resolve_layer_index(t_layer, teacher_cfg.num_hidden_layers, "teacher")
 
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Place the teacher for the engine in use, as TRL does for its own teachers: DeepSpeed (ZeRO-3 shards it),
+        FSDP (`prepare_fsdp`; TRL's GKD has no such branch, so its teacher would stay unsharded on the CPU), else
+        `prepare_model(evaluation_mode=True)` (moved to the device, replicated under DDP)."""
+        from trl.models.utils import prepare_deepspeed, prepare_fsdp
+
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(teacher.to(self.accelerator.device), self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
     def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, teacher_id: str | None) -> None:
         args: TaskFeatureDistillConfig = self.args
         self._fd_teacher = teacher
@@ -148,6 +163,13 @@ class _FeatureDistillMixin:
         }
         self.unit_selection = selection
         selection.attach_to(self.model)
+        logger.info(
+            "Unit selection (%s, k=%d, layer pairs %s): %s",
+            selection.selection_method,
+            selection.k,
+            [(ls.student_layer, ls.teacher_layer) for ls in selection.layers],
+            selection.diagnostics,
+        )
 
         device = next(teacher.parameters()).device
         gather = {}
@@ -396,6 +418,8 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
             teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
         )
         super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
+        if self.is_fsdp_enabled:
+            self.teacher_model = self._prepare_teacher(self.teacher_model)
         self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
 
 
@@ -437,12 +461,8 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
             if init_kwargs.get("dtype") not in (None, "auto"):
                 init_kwargs["dtype"] = getattr(torch, init_kwargs["dtype"])
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
-        if self.is_deepspeed_enabled:
-            from trl.models import prepare_deepspeed
-
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = self._prepare_teacher(teacher_model)
+        self._forward_redirection = _ForwardRedirection()
         self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
 
     def _teacher_forward(self, inputs: dict[str, Any]) -> None:
@@ -452,4 +472,6 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
         teacher_inputs = {k: inputs[k] for k in keys if k in inputs}
         self.teacher_model.eval()
         with torch.no_grad():
-            self._fd_teacher.base_model(**teacher_inputs, use_cache=False)
+            # Through the wrapper, so FSDP / DeepSpeed gather the sharded parameters first (as TRL's Distillation).
+            self._forward_redirection(self.teacher_model, self._fd_teacher, self._fd_teacher.base_model.forward,
+                                      **teacher_inputs, use_cache=False)  # fmt: skip

@@ -49,7 +49,7 @@ METHOD_CONFIG = {
 }
 PROFILES = {
     # 2 CPU cores, about an hour: a slice of every knob (stated in the results file)
-    "cpu": dict(train_samples=2000, teacher_steps=60, student_steps=150, batch_size=8, max_length=128,
+    "cpu": dict(train_samples=2000, teacher_steps=60, student_steps=100, batch_size=8, max_length=128,
                 student_hidden=256, student_layers=4, seeds=[0], gen_seeds=[10, 20], eval_samples=30,
                 max_new_tokens=48, selection_num_samples=128, learning_rate=5e-4, teacher_learning_rate=1e-4,
                 eval_sets=["dolly", "self_inst", "vicuna", "sinst", "unni_slice"],
@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_sets", nargs="+", default=None)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--aggregate_only", action="store_true", help="only rebuild results.json/.md from finished runs")
     return p
 
 
@@ -206,6 +207,8 @@ def _student(teacher_dir: str, args, seed: int):
 
 def run(argv=None) -> dict:
     args = _settings(argv)
+    if args.aggregate_only:
+        return aggregate(os.path.abspath(args.output_dir), args)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from transformers.utils import logging as hf_logging

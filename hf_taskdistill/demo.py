@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.train_examples, args.eval_examples, args.teacher_steps, args.student_steps = 256, 32, 20, 10
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import FeatureDistillTrainer
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     start = time.perf_counter()
     out = os.path.abspath(args.output_dir)

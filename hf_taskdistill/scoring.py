@@ -175,10 +175,12 @@ def select_task_units(
                 mask = valid_positions(labels)
                 grads = [None] * len(t_layers)
                 if need_grad:
-                    logits = out.logits[:, :-1].float()
+                    # Shift the labels, not the logits: reshaping a (B, T-1, V) slice of the logits would copy it.
+                    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+                    logits = out.logits.float()
                     loss = F.cross_entropy(
                         logits.reshape(-1, logits.shape[-1]),
-                        labels[:, 1:].reshape(-1),
+                        targets.reshape(-1),
                         ignore_index=-100,
                         reduction="sum",
                     )

@@ -323,7 +323,7 @@ def aggregate(out: str, args) -> dict:
             rows[method] = per_set
             costs[method] = round(statistics.mean(seconds), 1)
     sets = list(args.eval_sets)
-    fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.pstdev(v):.2f}" if v else "–"  # noqa: E731
+    fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}" if v else "–"  # noqa: E731
     lines = ["| method | " + " | ".join(sets) + " | train s (incl. scoring) |", "|---" * (len(sets) + 2) + "|"]
     for name, per_set in rows.items():
         lines.append(

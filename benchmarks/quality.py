@@ -47,6 +47,7 @@ METHOD_CONFIG = {
     "kd_units_gxa": dict(selection_method="grad_x_act", feature_loss_type="correlation"),
     "kd_units_mse": dict(selection_method="grad", feature_loss_type="mse"),
 }
+SUMMARY_ROOM = 64  # tokens a DialogSum training example must leave for its summary (90% of summaries fit in 54)
 PROFILES = {
     # 2 CPU cores, about an hour: a slice of every knob (stated in the results file)
     "cpu": dict(train_samples=2000, teacher_steps=60, student_steps=100, batch_size=8, max_length=128,
@@ -60,6 +61,13 @@ PROFILES = {
                 eval_samples=None, max_new_tokens=256, selection_num_samples=1024, learning_rate=5e-4,
                 teacher_learning_rate=5e-5, eval_sets=["dolly", "self_inst", "vicuna", "sinst", "unni_slice"],
                 methods=list(ALL_METHODS)),
+}  # fmt: skip
+# DialogSum prompts are whole dialogues (median 192 SmolLM2 tokens, 90th percentile 327): longer windows; the CPU
+# profile trades batch size and steps for them to stay near the instruction run's token budget
+SUMMARIZATION = {
+    "cpu": dict(max_length=320, batch_size=4, teacher_steps=40, student_steps=60, max_new_tokens=64,
+                eval_sets=["dialogsum"]),
+    "gpu": dict(max_length=512, max_new_tokens=128, eval_sets=["dialogsum"]),
 }  # fmt: skip
 
 
@@ -90,11 +98,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(argv) -> argparse.Namespace:
     args = _parser().parse_args(argv)
-    for key, value in PROFILES[args.profile].items():
+    preset = dict(PROFILES[args.profile])
+    if args.task == "summarization":
+        preset.update(SUMMARIZATION[args.profile])
+    for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.task == "summarization" and args.eval_sets == PROFILES[args.profile]["eval_sets"]:
-        args.eval_sets = ["dialogsum"]
     args.tokenizer = args.tokenizer or os.path.join(args.data_dir, "tokenizers", "smollm2")
     return args
 
@@ -138,8 +147,9 @@ def _dense_teacher(args, out: str) -> str:
 def _data(args, fmt: str, seed: int, tokenizer):
     """Task data in the trainer's format, each example cut to fit `max_length` tokens.
 
-    Long completions are truncated (their first tokens kept) and examples whose prompt alone takes more than half
-    the window are dropped; otherwise TRL's collators would drop the prompt or the whole completion.
+    Long completions are truncated (their first tokens kept) and examples whose prompt leaves too little room are
+    dropped (instruction: prompt over half the window; summarization, whose prompts are whole dialogues: less than
+    `SUMMARY_ROOM` tokens left for the summary); otherwise TRL's collators would drop the prompt or the completion.
     """
     from hf_taskdistill.data import load_task_dataset
 
@@ -154,7 +164,8 @@ def _data(args, fmt: str, seed: int, tokenizer):
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         budget = args.max_length - n_prompt - 4  # room for the end-of-turn tokens
         ids = tokenizer(assistant["content"], add_special_tokens=False)["input_ids"]
-        keep = n_prompt <= args.max_length // 2 and budget > 0
+        limit = args.max_length // 2 if args.task == "instruction" else args.max_length - SUMMARY_ROOM
+        keep = n_prompt <= limit and budget > 0
         text = tokenizer.decode(ids[: max(budget, 0)]) if keep else ""
         return {"messages": [user, {"role": "assistant", "content": text}], "keep": keep}
 
@@ -292,24 +303,39 @@ def run(argv=None) -> dict:
     return aggregate(out, args)
 
 
-def _set_scores(entry: dict, metric: str) -> list[float]:
-    """Per-generation-seed scores of one eval-set entry written by `evaluate_model`."""
-    return [float(v) for v in entry.get(metric, {}).get("per_seed", [])]
+def _columns(eval_sets) -> list[tuple[str, str, str]]:
+    """(column key, eval set, metric): ROUGE-L for instruction sets, ROUGE-1/2/L for summarization sets."""
+    from hf_taskdistill.evaluation import SUMMARIZATION_EVAL_SETS, SUMMARIZATION_ROUGE_TYPES
+
+    cols = []
+    for name in eval_sets:
+        if name in SUMMARIZATION_EVAL_SETS:
+            cols += [(f"{name}/{m}", name, m) for m in SUMMARIZATION_ROUGE_TYPES]
+        else:
+            cols.append((name, name, "rougeL"))
+    return cols
+
+
+def _row(sets: dict, cols) -> dict[str, list[float]]:
+    """Per-generation-seed scores of each column, from the `sets` dict written by `evaluate_model`."""
+    return {
+        key: [float(v) for v in sets.get(name, {}).get(metric, {}).get("per_seed", [])] for key, name, metric in cols
+    }
 
 
 def aggregate(out: str, args) -> dict:
     """Collect every result.json into results.json and a Markdown table."""
-    metric = "rougeL"
+    cols = _columns(args.eval_sets)
     rows, costs = {}, {}
     teacher_path = os.path.join(out, "teacher", "result.json")
     if os.path.isfile(teacher_path):
         with open(teacher_path) as f:
             teacher = json.load(f)
         for label, key in (("teacher (zero-shot)", "before_sft"), ("teacher (SFT)", "after_sft")):
-            rows[label] = {s: _set_scores(e, metric) for s, e in teacher[key]["sets"].items()}
+            rows[label] = _row(teacher[key]["sets"], cols)
         costs["teacher (SFT)"] = teacher["train_seconds"]
     for method in args.methods:
-        per_set, seconds = {}, []
+        per_col, seconds = {}, []
         for seed in args.seeds:
             path = os.path.join(out, "runs", f"seed{seed}", method, "result.json")
             if not os.path.isfile(path):
@@ -317,20 +343,20 @@ def aggregate(out: str, args) -> dict:
             with open(path) as f:
                 res = json.load(f)
             seconds.append(res["train_seconds"])
-            for s, e in res["eval"]["sets"].items():
-                per_set.setdefault(s, []).extend(_set_scores(e, metric))
-        if per_set:
-            rows[method] = per_set
+            for key, values in _row(res["eval"]["sets"], cols).items():
+                per_col.setdefault(key, []).extend(values)
+        if per_col:
+            rows[method] = per_col
             costs[method] = round(statistics.mean(seconds), 1)
-    sets = list(args.eval_sets)
     fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}" if v else "–"  # noqa: E731
-    lines = ["| method | " + " | ".join(sets) + " | train s (incl. scoring) |", "|---" * (len(sets) + 2) + "|"]
-    for name, per_set in rows.items():
-        lines.append(
-            f"| {name} | " + " | ".join(fmt(per_set.get(s, [])) for s in sets) + f" | {costs.get(name, '–')} |"
-        )
+    header = [key if metric == "rougeL" and "/" not in key else f"{name} {metric}" for key, name, metric in cols]
+    lines = ["| method | " + " | ".join(header) + " | train s (incl. scoring) |", "|---" * (len(cols) + 2) + "|"]
+    for name, per_col in rows.items():
+        cells = " | ".join(fmt(per_col.get(key, [])) for key, _, _ in cols)
+        lines.append(f"| {name} | {cells} | {costs.get(name, '–')} |")
     table = "\n".join(lines)
-    summary = {"metric": f"{metric} F x100 (rouge_score, no stemmer, max over references)", "table": table,
+    metrics = sorted({m for _, _, m in cols})
+    summary = {"metric": f"{'/'.join(metrics)} F x100 (rouge_score, no stemmer, max over references)", "table": table,
                "rows": rows, "train_seconds": costs}  # fmt: skip
     _write_json(os.path.join(out, "results.json"), summary)
     with open(os.path.join(out, "results.md"), "w") as f:

@@ -3,7 +3,8 @@
 Every loss returns a *token sum* form so the trainer can normalise it exactly like the host loss
 (`num_items_in_batch`, see `method.md` §3.4): `mse`, `nmse` and `cosine` are sums over valid positions, and
 `correlation` (a batch statistic) is the per-micro-batch loss times the number of valid positions N. All losses
-are finite, with a zero gradient path, when the batch has no valid position.
+are finite, with a zero gradient path, when the batch has no valid position. They are written with masked sums
+rather than boolean indexing, so nothing in them synchronises the host with an accelerator.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ FEATURE_LOSS_TYPES = ("correlation", "mse", "nmse", "cosine")
 
 @dataclass
 class FeatureLossOutput:
-    """`loss_sum`: the loss in token-sum form; `num_tokens`: N; `mean_corr`: mean Pearson rho (correlation only)."""
+    """`loss_sum`: the loss in token-sum form; `num_tokens`: N (0-d tensor); `mean_corr`: mean Pearson rho over the
+    live units (0-d tensor, correlation only). All stay on the device: nothing here waits for the accelerator."""
 
     loss_sum: torch.Tensor
-    num_tokens: int
-    mean_corr: float | None = None
+    num_tokens: torch.Tensor
+    mean_corr: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
         """The per-token (micro-batch) value, for logging: loss_sum / N."""
-        return self.loss_sum / max(self.num_tokens, 1)
+        return self.loss_sum / self.num_tokens.clamp(min=1)
 
 
 def valid_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -41,22 +43,22 @@ def valid_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _correlation_sum(s: torch.Tensor, t: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
-    # s, t: (N, k) fp32. Standardise each unit over the N valid positions.
-    n = s.shape[0]
-    s = s - s.mean(0, keepdim=True)
-    t = t - t.mean(0, keepdim=True)
-    s_var = s.pow(2).mean(0)
-    t_var = t.pow(2).mean(0)
+def _correlation_sum(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, n: torch.Tensor, eps: float):
+    # s, t: (P, k) fp32 with zeros outside the valid rows; m: (P, 1) bool; n: number of valid rows (0-d).
+    # Standardise each unit over the valid rows. Masked statistics instead of s[mask]: no data-dependent shape, so
+    # no host sync on an accelerator.
+    denom = n.clamp(min=1)
+    s = torch.where(m, s - s.sum(0, keepdim=True) / denom, 0.0)
+    t = torch.where(m, t - t.sum(0, keepdim=True) / denom, 0.0)
+    s_var = s.pow(2).sum(0) / denom
+    t_var = t.pow(2).sum(0) / denom
     # eps inside the sqrt: a constant student unit must not give an infinite gradient
-    rho = (s * t).mean(0) / ((s_var + eps).sqrt() * (t_var + eps).sqrt())  # (k,)
-    # Teacher units constant within the batch carry no signal: leave them out of the mean.
-    live = t_var > eps
-    if not bool(live.any()):
-        return s.sum() * 0.0, 0.0
-    rho = rho[live]
-    loss = (1.0 - rho).mean()
-    return loss * n, float(rho.detach().mean())
+    rho = (s * t).sum(0) / denom / ((s_var + eps).sqrt() * (t_var + eps).sqrt())  # (k,)
+    # Teacher units constant within the batch (every unit when N < 2) carry no signal: leave them out of the mean.
+    live = (t_var > eps).float()
+    n_live = live.sum().clamp(min=1)
+    loss = ((1.0 - rho) * live).sum() / n_live
+    return loss * n, (rho.detach() * live).sum() / n_live
 
 
 def feature_loss(
@@ -78,33 +80,31 @@ def feature_loss(
         teacher_var: (k,) teacher unit variances, required by `nmse`.
 
     Returns:
-        A `FeatureLossOutput` whose `loss_sum` is the token-sum form described in the module docstring.
+        A `FeatureLossOutput` whose `loss_sum` is the token-sum form described in the module docstring. Values at
+        masked positions never reach the result, not even as NaN; no operation waits for the device (no `.item()`,
+        no boolean indexing), so the term adds no host sync to a GPU step.
     """
     if loss_type not in FEATURE_LOSS_TYPES:
         raise ValueError(f"feature loss type must be one of {FEATURE_LOSS_TYPES}, got {loss_type!r}.")
     if student.shape != teacher.shape:
         raise ValueError(f"student units {tuple(student.shape)} and teacher units {tuple(teacher.shape)} differ.")
+    if loss_type == "nmse" and teacher_var is None:
+        raise ValueError("feature_loss_type='nmse' needs the teacher unit variances from the scoring pass.")
+    k = student.shape[-1]
+    m = mask.reshape(-1, 1)  # (P, 1), P = B * T
+    n = mask.sum().float()
     # Captured activations are in the compute dtype (bf16 under AMP): do the statistics in fp32.
-    s = student[mask].float()  # (N, k)
-    t = teacher[mask].float().detach()
-    n = s.shape[0]
-    zero = student.sum() * 0.0  # keeps a (zero) gradient path when nothing is valid
+    s = torch.where(m, student.reshape(-1, k).float(), 0.0)
+    t = torch.where(m, teacher.reshape(-1, k).float().detach(), 0.0)
     if loss_type == "correlation":
-        if n < 2:
-            return FeatureLossOutput(zero.float(), n, None)
-        loss_sum, corr = _correlation_sum(s, t, eps)
+        loss_sum, corr = _correlation_sum(s, t, m, n, eps)
         return FeatureLossOutput(loss_sum, n, corr)
-    if n == 0:
-        return FeatureLossOutput(zero.float(), 0, None)
-    k = s.shape[1]
     if loss_type == "mse":
         loss_sum = (s - t).pow(2).sum() / k
     elif loss_type == "nmse":
-        if teacher_var is None:
-            raise ValueError("feature_loss_type='nmse' needs the teacher unit variances from the scoring pass.")
         loss_sum = ((s - t).pow(2) / (teacher_var.to(s.device).float() + eps)).sum() / k
-    else:  # cosine
-        loss_sum = (1.0 - F.cosine_similarity(s, t, dim=-1, eps=eps)).sum()
+    else:  # cosine; masked rows are zero vectors, whose (1 - cos) the where drops
+        loss_sum = torch.where(m[:, 0], 1.0 - F.cosine_similarity(s, t, dim=-1, eps=eps), 0.0).sum()
     return FeatureLossOutput(loss_sum, n, None)
 
 

@@ -311,10 +311,11 @@ class _FeatureDistillMixin:
             means.append(out.mean.detach())
             if out.mean_corr is not None:
                 corrs.append(out.mean_corr)
+        # Logged values stay tensors until `log` (one transfer per logging step, not a host sync per micro-batch).
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["feature_loss"].append(float(torch.stack(means).mean()))
+        self._metrics[mode]["feature_loss"].append(torch.stack(means).mean())
         if corrs:
-            self._metrics[mode]["feature_corr"].append(sum(corrs) / len(corrs))
+            self._metrics[mode]["feature_corr"].append(torch.stack(corrs).mean())
         return torch.stack(terms).mean()
 
     def _log_host(self, host: torch.Tensor, inputs, num_items_in_batch) -> None:
@@ -325,7 +326,19 @@ class _FeatureDistillMixin:
             value = value * torch.as_tensor(num_items_in_batch).to(value.device) / local.to(value.device)
             value = value / self._token_factor(num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode][self._host_loss_name].append(float(value))
+        self._metrics[mode][self._host_loss_name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Turn the tensors `_feature_term` / `_log_host` queued into floats in one transfer, then TRL averages them.
+        mode = "train" if self.model.training else "eval"
+        queued = [(values, i) for values in self._metrics[mode].values() for i, v in enumerate(values)
+                  if torch.is_tensor(v)]  # fmt: skip
+        if queued:
+            device = queued[0][0][queued[0][1]].device
+            floats = torch.stack([values[i].detach().float().reshape(()).to(device) for values, i in queued]).tolist()
+            for (values, i), value in zip(queued, floats, strict=True):
+                values[i] = value
+        super().log(logs, start_time)
 
     # ----- saving and resuming -----
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -132,3 +132,47 @@ def test_bad_arguments():
         feature_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="variances"):
         feature_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool), "nmse")
+
+
+@pytest.mark.parametrize("loss_type", FEATURE_LOSS_TYPES)
+def test_forward_and_backward_never_wait_for_the_device(loss_type):
+    """No `.item()`, no boolean indexing: on a GPU the feature term adds no host sync to the step."""
+    from .sync_ops import HostSyncRecorder
+
+    s = torch.randn(2, 6, 8, requires_grad=True)
+    t = torch.randn(2, 6, 4)
+    with HostSyncRecorder() as rec:
+        out = feature_loss(s[..., :4], t, valid_positions(_labels()), loss_type, teacher_var=torch.ones(4))
+        loss = feature_distillation_loss(s, t, _labels(), loss_type, torch.tensor(7), teacher_var=torch.ones(4))
+        (loss + out.mean).backward()
+        _ = out.mean_corr
+    assert rec.syncs == []
+    # and the recorder does see the usual culprits
+    with HostSyncRecorder() as rec:
+        _ = float(s.detach()[valid_positions(_labels())].sum())
+    assert any("bool mask" in op for op in rec.syncs) and any("_local_scalar_dense" in op for op in rec.syncs)
+
+
+def test_masked_statistics_match_the_selected_rows():
+    """The masked-sum correlation equals the textbook one computed on s[mask], t[mask]."""
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    t[..., 2] = 1.5  # a constant teacher unit: left out of the mean
+    mask = valid_positions(_labels(3, 7, 2))
+    ref_s, ref_t = s[mask], t[mask]
+    rho = torch.stack([torch.corrcoef(torch.stack([ref_s[:, j], ref_t[:, j]]))[0, 1] for j in (0, 1, 3, 4)])
+    out = feature_loss(s, t, mask, "correlation")
+    assert out.num_tokens.item() == mask.sum().item()
+    assert out.mean.item() == pytest.approx((1 - rho).mean().item(), abs=1e-4)
+    assert out.mean_corr.item() == pytest.approx(rho.mean().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", FEATURE_LOSS_TYPES)
+def test_nan_at_masked_positions_does_not_leak(loss_type):
+    s = torch.randn(2, 6, 5)
+    s[:, -1] = float("nan")  # the last position is never valid
+    s.requires_grad_(True)
+    t = torch.randn(2, 6, 5)
+    loss = feature_distillation_loss(s, t, _labels(), loss_type, teacher_var=torch.ones(5))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()

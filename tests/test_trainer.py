@@ -288,3 +288,32 @@ def test_local_teacher_path_is_stored_by_folder_name_only(student, teacher, toke
                                     train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
     assert trainer.unit_selection.teacher["model_id"] == "my-teacher"
     assert str(tmp_path) not in json.dumps(student.config.task_distill)
+
+
+@pytest.mark.parametrize("trainer_cls", [FeatureDistillTrainer, FeatureDistillSFTTrainer])
+def test_feature_path_adds_no_host_sync(trainer_cls, student, teacher, tokenizer, messages_dataset,
+                                        prompt_completion_dataset, tmp_path, monkeypatch):  # fmt: skip
+    """Our additions to each step (feature term, host-loss logging) queue tensors and never wait for the device;
+    the queued values reach the logs as plain floats at logging time."""
+    from .sync_ops import HostSyncRecorder
+
+    dataset = messages_dataset if trainer_cls is FeatureDistillTrainer else prompt_completion_dataset
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=make_config(tmp_path, max_steps=2, logging_steps=2),
+                          train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    syncs = []
+    for name in ("_feature_term", "_log_host"):
+        original = getattr(trainer, name)
+
+        def recorded(*args, _original=original, **kwargs):
+            with HostSyncRecorder() as rec:
+                result = _original(*args, **kwargs)
+            syncs.extend(rec.syncs)
+            return result
+
+        monkeypatch.setattr(trainer, name, recorded)
+    trainer.train()
+    assert syncs == []
+    host = "jsd_loss" if trainer_cls is FeatureDistillTrainer else "ce_loss"
+    for key in ("feature_loss", "feature_corr", host):
+        (value,) = _logged(trainer, key)
+        assert type(value) is float and value == value, key

@@ -43,17 +43,17 @@ def valid_positions(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _correlation_sum(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor, n: torch.Tensor, eps: float):
-    # s, t: (P, k) fp32 with zeros outside the valid rows; m: (P, 1) bool; n: number of valid rows (0-d).
-    # Standardise each unit over the valid rows. Masked statistics instead of s[mask]: no data-dependent shape, so
-    # no host sync on an accelerator.
+def _correlation_sum(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, n: torch.Tensor, eps: float):
+    # s, t: (P, k) fp32, zero outside the valid rows; w: (P,) 1.0 on valid rows; n = w.sum(). Weighted sums (w @ x)
+    # instead of s[mask]: no data-dependent shape, so no host sync on an accelerator. Two passes (centre, then
+    # square): hidden units with a large mean would lose their variance in E[x^2] - E[x]^2.
     denom = n.clamp(min=1)
-    s = torch.where(m, s - s.sum(0, keepdim=True) / denom, 0.0)
-    t = torch.where(m, t - t.sum(0, keepdim=True) / denom, 0.0)
-    s_var = s.pow(2).sum(0) / denom
-    t_var = t.pow(2).sum(0) / denom
+    s = s - (w @ s) / denom
+    t = t - (w @ t) / denom
+    s_var = (w @ (s * s)) / denom
+    t_var = (w @ (t * t)) / denom
     # eps inside the sqrt: a constant student unit must not give an infinite gradient
-    rho = (s * t).sum(0) / denom / ((s_var + eps).sqrt() * (t_var + eps).sqrt())  # (k,)
+    rho = (w @ (s * t)) / denom / ((s_var + eps).sqrt() * (t_var + eps).sqrt())  # (k,)
     # Teacher units constant within the batch (every unit when N < 2) carry no signal: leave them out of the mean.
     live = (t_var > eps).float()
     n_live = live.sum().clamp(min=1)
@@ -92,12 +92,13 @@ def feature_loss(
         raise ValueError("feature_loss_type='nmse' needs the teacher unit variances from the scoring pass.")
     k = student.shape[-1]
     m = mask.reshape(-1, 1)  # (P, 1), P = B * T
-    n = mask.sum().float()
+    w = m[:, 0].float()
+    n = w.sum()
     # Captured activations are in the compute dtype (bf16 under AMP): do the statistics in fp32.
     s = torch.where(m, student.reshape(-1, k).float(), 0.0)
     t = torch.where(m, teacher.reshape(-1, k).float().detach(), 0.0)
     if loss_type == "correlation":
-        loss_sum, corr = _correlation_sum(s, t, m, n, eps)
+        loss_sum, corr = _correlation_sum(s, t, w, n, eps)
         return FeatureLossOutput(loss_sum, n, corr)
     if loss_type == "mse":
         loss_sum = (s - t).pow(2).sum() / k

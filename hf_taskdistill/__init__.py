@@ -6,11 +6,43 @@ import os as _os
 # trl.experimental warns on import; the GKD host lives there (pinned trl==1.16.*).
 _os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from .config import TaskFeatureDistillConfig
-from .losses import feature_distillation_loss, feature_loss
-from .scoring import select_task_units
-from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection
-from .trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+
+# Public names and the module each lives in. Imported on first use (PEP 562), so `hf-taskdistill --help` or
+# `import hf_taskdistill.losses` does not pay for importing TRL.
+_EXPORTS = {
+    "FeatureDistillSFTTrainer": "trainer",
+    "FeatureDistillTrainer": "trainer",
+    "LayerSelection": "selection",
+    "SelectionFormatError": "selection",
+    "TaskFeatureDistillConfig": "config",
+    "UnitSelection": "selection",
+    "feature_distillation_loss": "losses",
+    "feature_loss": "losses",
+    "load_unit_selection": "selection",
+    "select_task_units": "scoring",
+}
+
+if _TYPE_CHECKING:  # pragma: no cover
+    from .config import TaskFeatureDistillConfig
+    from .losses import feature_distillation_loss, feature_loss
+    from .scoring import select_task_units
+    from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection
+    from .trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
 
 
 try:

@@ -233,3 +233,15 @@ def test_console_script_help(monkeypatch, capsys):
     for flag in ("--train_file", "--student_config_overrides", "--selection_method", "--feature_loss_weight",
                  "--teacher_model_name_or_path", "--use_peft"):  # fmt: skip
         assert flag in out["train"]
+
+
+def test_top_level_help_and_light_modules_do_not_import_trl():
+    """The package resolves its public names on first use: `--help` and the pure modules stay light."""
+    code = (
+        "import sys, hf_taskdistill, hf_taskdistill.losses, hf_taskdistill.cli as c; c.main(['--help']); "
+        "assert 'trl' not in sys.modules and 'datasets' not in sys.modules, 'heavy import'; "
+        "from hf_taskdistill import *; import hf_taskdistill as h; "
+        "assert all(getattr(h, n) is not None for n in h.__all__) and 'trl' in sys.modules; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -326,7 +326,7 @@ def _row(sets: dict, cols) -> dict[str, list[float]]:
 def aggregate(out: str, args) -> dict:
     """Collect every result.json into results.json and a Markdown table."""
     cols = _columns(args.eval_sets)
-    rows, costs = {}, {}
+    rows, costs, per_seed_seconds, seeds_done = {}, {}, {}, {}
     teacher_path = os.path.join(out, "teacher", "result.json")
     if os.path.isfile(teacher_path):
         with open(teacher_path) as f:
@@ -348,16 +348,20 @@ def aggregate(out: str, args) -> dict:
         if per_col:
             rows[method] = per_col
             costs[method] = round(statistics.mean(seconds), 1)
+            per_seed_seconds[method] = seconds
+            seeds_done[method] = len(seconds)
     fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}" if v else "–"  # noqa: E731
     header = [key if metric == "rougeL" and "/" not in key else f"{name} {metric}" for key, name, metric in cols]
-    lines = ["| method | " + " | ".join(header) + " | train s (incl. scoring) |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| method | " + " | ".join(header) + " | training seeds | train s (incl. scoring) |",
+             "|---" * (len(cols) + 3) + "|"]  # fmt: skip
     for name, per_col in rows.items():
         cells = " | ".join(fmt(per_col.get(key, [])) for key, _, _ in cols)
-        lines.append(f"| {name} | {cells} | {costs.get(name, '–')} |")
+        lines.append(f"| {name} | {cells} | {seeds_done.get(name, '–')} | {costs.get(name, '–')} |")
     table = "\n".join(lines)
     metrics = sorted({m for _, _, m in cols})
     summary = {"metric": f"{'/'.join(metrics)} F x100 (rouge_score, no stemmer, max over references)", "table": table,
-               "rows": rows, "train_seconds": costs}  # fmt: skip
+               "rows": rows, "train_seconds": costs, "train_seconds_per_seed": per_seed_seconds,
+               "training_seeds": seeds_done}  # fmt: skip
     _write_json(os.path.join(out, "results.json"), summary)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")

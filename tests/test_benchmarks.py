@@ -55,12 +55,15 @@ def test_aggregate_pools_training_and_generation_seeds(quality, tmp_path):
     assert summary["rows"]["kd_units"]["dolly"] == [1.0, 2.0, 3.0, 4.0]
     assert summary["rows"]["kd_units"]["dialogsum/rouge2"] == [1.0, 3.0]
     assert summary["train_seconds"] == {"teacher (SFT)": 5.0, "kd_units": 15.0}
+    assert summary["train_seconds_per_seed"] == {"kd_units": [10.0, 20.0]} and summary["training_seeds"] == {
+        "kd_units": 2
+    }
     assert "sft" not in summary["rows"]  # not run: no row, no crash
     header, _, *lines = summary["table"].splitlines()
     assert (
         header
-        == "| method | dolly | dialogsum rouge1 | dialogsum rouge2 | dialogsum rougeL | train s (incl. scoring) |"
+        == "| method | dolly | dialogsum rouge1 | dialogsum rouge2 | dialogsum rougeL | training seeds | train s (incl. scoring) |"
     )
-    assert lines[-1] == "| kd_units | 2.50 ± 1.29 | 2.00 ± 1.41 | 2.00 ± 1.41 | 2.00 ± 1.41 | 15.0 |"
+    assert lines[-1] == "| kd_units | 2.50 ± 1.29 | 2.00 ± 1.41 | 2.00 ± 1.41 | 2.00 ± 1.41 | 2 | 15.0 |"
     with open(os.path.join(out, "results.md")) as f:
         assert f.read().strip() == summary["table"]

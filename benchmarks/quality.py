@@ -6,8 +6,9 @@ the same student initialisation, sees the same data order and gets the same step
 `runs/seed<s>/<method>/result.json`, so an interrupted run resumes where it stopped. The aggregate goes to
 `results.json` and `results.md` (method x eval set, mean +- std over training seeds x generation seeds).
 
-    python benchmarks/quality.py --profile cpu --output_dir benchmarks/results/dolly-cpu   # ~1 h on 2 CPU cores
-    python benchmarks/quality.py --profile gpu --output_dir benchmarks/results/dolly-gpu   # the full protocol
+    python benchmarks/quality.py --profile cpu --output_dir local/bench/dolly-cpu   # ~75 min on 2 idle CPU cores
+    python benchmarks/quality.py --profile cpu --task summarization --output_dir local/bench/dialogsum-cpu  # ~30 min
+    python benchmarks/quality.py --profile gpu --output_dir local/bench/dolly-gpu   # the full protocol
 
 Methods: sft (cross-entropy only), kd (GKD generalized JSD, off-policy, beta=0: forward KL), kd_projector
 (KD + learned Linear(d_S, d_T) onto the whole teacher layer, correlation loss), kd_projector_mse (same, MSE),

@@ -14,6 +14,8 @@ import sys
 COMMANDS = {
     "train": ("hf_taskdistill.scripts.train", "distil a student from a teacher (TRL-style YAML recipe + flags)"),
     "select": ("hf_taskdistill.scripts.select", "score teacher units only; write a selection `train` can reuse"),
+    "prune": ("hf_taskdistill.scripts.prune", "cut a narrower student out of the teacher at task-selected units"),
+    "cache": ("hf_taskdistill.scripts.cache", "run the teacher once over the training set; train from the cache"),
     "eval": ("hf_taskdistill.evaluation", "ROUGE-L evaluation (MiniLLM protocol) of a saved model"),
     "push": ("hf_taskdistill.hub", "push a distilled local directory (weights, config, card, plot) to the Hub"),
     "demo": ("hf_taskdistill.demo", "offline end-to-end demo on a generated task (CPU, a few minutes)"),

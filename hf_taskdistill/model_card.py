@@ -21,6 +21,7 @@ from typing import Any
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .provenance import FLEX_KD_PAPER
 from .selection import CONFIG_KEY, SCORES_NAME, UnitSelection, load_unit_selection
 
 
@@ -309,8 +310,6 @@ def build_model_card(
         citations: extra BibTeX entries; the Flex-KD paper and TRL are always cited.
         note: a sentence shown under the title (e.g. how the card was produced).
     """
-    from .trainer import _FLEX_KD_PAPER
-
     if isinstance(selection, Mapping):
         selection = load_unit_selection(dict(selection))
     teacher = (selection.teacher if selection is not None else None) or {}
@@ -381,8 +380,8 @@ def build_model_card(
         "versions": _versions(),
         "license": license,
         "trainer_name": trainer_name,
-        "paper": _FLEX_KD_PAPER,
-        "citations": [_FLEX_KD_PAPER["citation"], *[c for c in citations if c], TRL_CITATION],
+        "paper": FLEX_KD_PAPER,
+        "citations": [FLEX_KD_PAPER["citation"], *[c for c in citations if c], TRL_CITATION],
         "adapter": library_name == "peft",
         "config_key": CONFIG_KEY,
     }

@@ -27,6 +27,7 @@ SELECTION_METHODS = ("grad", "grad_x_act", "random", "projector")
 _TOP_KEYS = {
     "format_version", "library_version", "teacher", "selection_method", "selection_order", "num_samples",
     "num_tokens", "seed", "teacher_hidden_size", "student_hidden_size", "layers", "diagnostics", "training",
+    "student", "data", "init",
 }  # fmt: skip
 _LAYER_KEYS = {"student_layer", "teacher_layer", "indices", "scores", "teacher_mean", "teacher_std"}
 
@@ -79,7 +80,12 @@ class UnitSelection:
         teacher_hidden_size / student_hidden_size: d_T and d_S at selection time.
         diagnostics: scoring wall time, peak memory, split-half top-k overlap, selected score-mass share.
         training: the distillation settings the trainer used (logit loss, beta, lmbda, feature loss type and
-            weight), recorded for the model card.
+            weight, hyperparameters), recorded for the model card.
+        student: `{"model_id", "revision", "local_name"}` of the student's starting checkpoint (see
+            `provenance.model_reference`; never a local path).
+        data: a description of the training data (`{"name", "num_examples", ...}`), recorded for the model card.
+        init: for a student cut out of its teacher (`hf-taskdistill prune`): how it was cut (criterion, scored
+            layers, residual and MLP indices, layers kept, teacher). Empty otherwise.
         full_scores: per layer pair, the (d_T,) score of every teacher unit (kept out of `config.json`).
     """
 
@@ -94,6 +100,9 @@ class UnitSelection:
     teacher: dict[str, str | None] = field(default_factory=lambda: {"model_id": None, "revision": None})
     diagnostics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    student: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)
     library_version: str = field(default_factory=_library_version)
     full_scores: list[torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -229,11 +238,23 @@ def _parse(data: Any) -> UnitSelection:
         num_samples=_int(data.get("num_samples", 0), "num_samples"),
         num_tokens=_int(data.get("num_tokens", 0), "num_tokens"),
         seed=_int(data.get("seed", 0), "seed"),
-        teacher={"model_id": teacher.get("model_id"), "revision": teacher.get("revision")},
+        teacher={
+            k: teacher.get(k) for k in ("model_id", "revision", "local_name") if k in teacher or k != "local_name"
+        },
         diagnostics=dict(data.get("diagnostics") or {}),
         training=dict(data.get("training") or {}),
+        student=_dict_field(data, "student"),
+        data=_dict_field(data, "data"),
+        init=_dict_field(data, "init"),
         library_version=str(data.get("library_version", "unknown")),
     )
+
+
+def _dict_field(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise _fail(key, "must be a dict")
+    return dict(value)
 
 
 def _from_config_dict(cfg: dict[str, Any], source: str) -> UnitSelection:

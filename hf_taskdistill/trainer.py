@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import textwrap
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from trl.models.utils import _ForwardRedirection
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap, resolve_layer_index
 from .losses import feature_loss, valid_positions
+from .provenance import FLEX_KD_PAPER
 from .scoring import select_task_units
 from .selection import LayerSelection, UnitSelection, load_unit_selection
 
@@ -31,20 +31,6 @@ logger = logging.getLogger(__name__)
 
 PROJECTOR_ATTR = "fd_proj"
 PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Trainer.push_to_hub
-
-_FLEX_KD_PAPER = {
-    "title": "Task-Based Flexible Feature Distillation for LLMs",
-    "id": "2507.10155",
-    # docstyle-ignore
-    "citation": textwrap.dedent("""\
-        @article{saadi2025taskbased,
-            title        = {{Task-Based Flexible Feature Distillation for LLMs}},
-            author       = {Khouloud Saadi and Di Wang},
-            year         = 2025,
-            eprint       = {arXiv:2507.10155},
-        }"""),
-}
-
 
 def _text_config(model_or_path: Any, init_kwargs: dict | None = None):
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -409,7 +395,7 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
 
     _tag_names = ["trl", "gkd", "hf_taskdistill", "feature-distillation", "distillation"]
     _name = "Task-based feature distillation (GKD host)"
-    _paper = _FLEX_KD_PAPER
+    _paper = FLEX_KD_PAPER
     _host_loss_name = "jsd_loss"
     _default_logit_loss = "jsd"
 
@@ -453,7 +439,7 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
 
     _tag_names = ["trl", "sft", "hf_taskdistill", "feature-distillation", "distillation"]
     _name = "Task-based feature distillation (SFT host)"
-    _paper = _FLEX_KD_PAPER
+    _paper = FLEX_KD_PAPER
     _host_loss_name = "ce_loss"
     _default_logit_loss = "none"
 

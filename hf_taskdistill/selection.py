@@ -181,7 +181,8 @@ def _parse(data: Any) -> UnitSelection:
     if unknown:
         logger.warning("Ignoring unknown keys in the stored unit selection: %s", unknown)
     method = data.get("selection_method")
-    if method not in SELECTION_METHODS:
+    pruned = bool(data.get("init"))  # a student cut from its teacher names its pruning criterion here
+    if not (method in SELECTION_METHODS or (pruned and isinstance(method, str) and method)):
         raise _fail("selection_method", f"must be one of {SELECTION_METHODS}, got {method!r}")
     order = data.get("selection_order", "index")
     if order not in ("index", "score"):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from trl.experimental.gkd import GKDConfig
@@ -179,6 +180,31 @@ class TaskFeatureDistillConfig(GKDConfig):
         self.feature_layers = parse_layer_pairs(self.feature_layers)
         if self.selection_seed is None:
             self.selection_seed = self.seed
+
+    @classmethod
+    def from_training_args(cls, args: Any, **overrides: Any) -> TaskFeatureDistillConfig:
+        """Convert a `transformers.TrainingArguments`, `trl.SFTConfig` or `GKDConfig` into this config.
+
+        Every field of `args` is kept (as TRL's `SFTTrainer` does when it converts a plain `TrainingArguments`); the
+        fields this config adds take their defaults unless given in `overrides`. An object that already is a
+        `TaskFeatureDistillConfig` is returned unchanged.
+        """
+        from transformers import TrainingArguments
+
+        if isinstance(args, cls) and not overrides:
+            return args
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"args must be a TaskFeatureDistillConfig (or a TrainingArguments / SFTConfig / GKDConfig to convert), "
+                f"got {type(args).__name__}."
+            )
+        names = {f.name for f in fields(cls) if f.init}
+        values = {k: v for k, v in args.to_dict().items() if k in names}
+        for key in values:
+            if key.endswith("_token"):  # to_dict masks these as "<KEY>" (hub_token, SFT's eos_token / pad_token)
+                values[key] = getattr(args, key)
+        values.update(overrides)
+        return cls(**values)
 
     @property
     def layer_pairs(self) -> list[tuple[int, int]]:

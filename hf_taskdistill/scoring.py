@@ -25,6 +25,27 @@ from .selection import LayerSelection, UnitSelection
 
 SCORE_METHODS = ("grad", "grad_x_act", "random")
 
+# What a training-time teacher call receives from a collated batch: the attention mask only when the collator made
+# one; for packed / padding-free batches (TRL's SFT `packing=True` or `padding_free=True`) the position ids and the
+# sequence boundaries, from which transformers builds a block-diagonal causal mask (packed documents never attend
+# to each other). `labels` are left out: the loss is computed here.
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+    "max_length_k", "seq_idx",
+)  # fmt: skip
+
+
+def model_inputs(batch: dict, device: torch.device | None = None) -> dict:
+    """The keys of a collated batch that the model's forward takes (see `MODEL_INPUT_KEYS`), moved to `device`."""
+    out = {}
+    for key in MODEL_INPUT_KEYS:
+        if key in batch and batch[key] is not None:
+            value = batch[key]
+            out[key] = value.to(device) if device is not None and torch.is_tensor(value) else value
+    if "input_ids" not in out:
+        raise ValueError(f"A scoring batch needs `input_ids`; it has {sorted(batch)}.")
+    return out
+
 
 class _ScoringTap:
     """Hooks that hand the tapped layer outputs to autograd (earliest layer as a fresh leaf)."""
@@ -115,8 +136,9 @@ def select_task_units(
 
     Args:
         teacher: a causal LM (left frozen; its parameters get no gradient).
-        batches: dicts with `input_ids`, `attention_mask` and `labels` (-100 on prompt and padding), e.g. from
-            the trainer's own collator. Under `torch.distributed` every rank passes the *same* list of batches and
+        batches: dicts with `input_ids` and `labels` (-100 on prompt and padding) plus whatever else the trainer's
+            own collator makes: an `attention_mask`, or for packed / padding-free batches `position_ids` and
+            `cu_seq_lens_*` (passed to the teacher exactly as the training-time teacher call gets them). Under `torch.distributed` every rank passes the *same* list of batches and
             scores its share (batch i goes to rank i mod world size); sums are reduced so all ranks end with
             identical indices. May be `None` for `random` (then no unit statistics are recorded).
         num_units: k, usually the student's hidden size d_S. Must be <= the teacher's hidden size d_T.
@@ -169,9 +191,7 @@ def select_task_units(
             half = index % 2
             tap.outputs = {}
             with torch.enable_grad() if need_grad else torch.no_grad():
-                out = teacher(
-                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-                )
+                out = teacher(**model_inputs(batch, device), use_cache=False)
                 mask = valid_positions(labels)
                 grads = [None] * len(t_layers)
                 if need_grad:

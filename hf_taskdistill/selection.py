@@ -295,15 +295,43 @@ def load_unit_selection(source: Any, revision: str | None = None, token: str | b
                 with open(file) as f:
                     cfg = json.load(f)
                 if name == SIDECAR_NAME:
-                    return _parse(cfg)
+                    return _with_scores(_parse(cfg), path)
                 if CONFIG_KEY in cfg:
-                    return _parse(cfg[CONFIG_KEY])
+                    return _with_scores(_parse(cfg[CONFIG_KEY]), path)
         raise ValueError(f"{path} holds neither a `config.json` with `{CONFIG_KEY}` nor a `{SIDECAR_NAME}`.")
     if os.path.isfile(path):
         with open(path) as f:
             cfg = json.load(f)
-        return _parse(cfg[CONFIG_KEY]) if CONFIG_KEY in cfg else _parse(cfg)
+        selection = _parse(cfg[CONFIG_KEY]) if CONFIG_KEY in cfg else _parse(cfg)
+        return _with_scores(selection, os.path.dirname(path))
+    if os.path.sep in path and not os.path.exists(path):
+        raise FileNotFoundError(f"Unit selection {path!r}: no such file or directory.")
     return _load_from_hub(path, revision, token)
+
+
+def _with_scores(selection: UnitSelection, directory: str) -> UnitSelection:
+    """Attach the raw scores of every teacher unit from the `task_distill_scores.safetensors` next to the selection,
+    so that a reused selection keeps them (the model card's plot needs them)."""
+    file = os.path.join(directory or ".", SCORES_NAME)
+    if not os.path.isfile(file) or selection.selection_method in ("projector", "random"):
+        return selection
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise SelectionFormatError(
+            f"{file} is not a readable safetensors file ({e}); delete it or re-run the selection."
+        ) from e
+    scores = [tensors.get(f"layer_{i}") for i in range(len(selection.layers))]
+    if any(t is None or t.shape != (selection.teacher_hidden_size,) for t in scores):
+        raise SelectionFormatError(
+            f"{file} does not match the selection: expected {len(selection.layers)} score vectors `layer_i` of "
+            f"{selection.teacher_hidden_size} values, found {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in tensors.items())}}}."
+        )
+    selection.full_scores = scores
+    return selection
 
 
 def _load_from_hub(repo_id: str, revision: str | None, token: str | bool | None) -> UnitSelection:

@@ -22,8 +22,8 @@ from trl.models.utils import _ForwardRedirection
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap, resolve_layer_index
 from .losses import feature_loss, valid_positions
-from .provenance import FLEX_KD_PAPER
-from .scoring import select_task_units
+from .provenance import FLEX_KD_PAPER, is_hub_id, model_reference
+from .scoring import model_inputs, select_task_units
 from .selection import LayerSelection, UnitSelection, load_unit_selection
 
 
@@ -32,21 +32,25 @@ logger = logging.getLogger(__name__)
 PROJECTOR_ATTR = "fd_proj"
 PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Trainer.push_to_hub
 
-def _text_config(model_or_path: Any, init_kwargs: dict | None = None):
+
+def _text_config(model_or_path: Any, init_kwargs: dict | None = None, who: str = "model"):
     if isinstance(model_or_path, (str, os.PathLike)):
+        name = os.fspath(model_or_path)
+        if not is_hub_id(name) and not os.path.exists(name):
+            raise FileNotFoundError(
+                f"The {who} {name!r} is not an existing local directory (and not a Hub repo id). Check the path."
+            )
         kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code", "token")}
-        return AutoConfig.from_pretrained(model_or_path, **kwargs).get_text_config()
+        try:
+            return AutoConfig.from_pretrained(name, **kwargs).get_text_config()
+        except OSError as e:
+            offline = (
+                " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            )
+            where = "local directory" if os.path.isdir(name) else f"Hub repo id{offline}"
+            raise OSError(f"Could not load the {who} config from {name!r}, read as a {where}: {e}") from e
     model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
     return model.config.get_text_config()
-
-
-def _public_model_id(name_or_path: str | None) -> str | None:
-    """A Hub id as is; a local directory by its folder name only (no local paths in a pushed config.json)."""
-    if not name_or_path:
-        return None
-    if os.path.isdir(name_or_path):
-        return os.path.basename(os.path.normpath(name_or_path))
-    return name_or_path
 
 
 def _check_dataset_columns(dataset, needed: list[tuple[str, ...]], host: str, hint: str) -> None:
@@ -58,6 +62,36 @@ def _check_dataset_columns(dataset, needed: list[tuple[str, ...]], host: str, hi
     if not any(all(c in columns for c in option) for option in needed):
         wanted = " or ".join("+".join(option) for option in needed)
         raise ValueError(f"The {host} trainer needs dataset column(s) {wanted}; the dataset has {columns}. {hint}")
+
+
+def _coerce_args(args: Any, model: Any, trainer_name: str) -> TaskFeatureDistillConfig:
+    """`args=None` -> defaults (output_dir named after the model, as TRL does); a parent config (`TrainingArguments`,
+    `SFTConfig`, `GKDConfig`) -> converted with every field kept, the feature fields defaulted."""
+    if args is None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+        name = os.path.basename(os.path.normpath(name or "model")) or "model"
+        return TaskFeatureDistillConfig(output_dir=f"{name}-distilled")
+    if isinstance(args, TaskFeatureDistillConfig):
+        return args
+    try:
+        converted = TaskFeatureDistillConfig.from_training_args(args)
+    except TypeError as e:
+        raise TypeError(
+            f"{trainer_name} got args of type {type(args).__name__}. Pass a TaskFeatureDistillConfig, e.g. "
+            "`args=TaskFeatureDistillConfig(output_dir=..., feature_loss_weight=1.0)`, or a TrainingArguments / "
+            "SFTConfig / GKDConfig (converted: every field kept, the feature fields at their defaults)."
+        ) from e
+    logger.info("Converted %s to TaskFeatureDistillConfig (feature fields at their defaults).", type(args).__name__)
+    return converted
+
+
+def _sanitized_reference(reference: dict | None) -> dict | None:
+    """A stored teacher reference with any local path reduced to a local label (old selections stored paths)."""
+    if not reference or not (reference.get("model_id") or reference.get("local_name")):
+        return None
+    if reference.get("model_id") and not is_hub_id(reference["model_id"]):
+        return model_reference(reference["model_id"])
+    return dict(reference)
 
 
 class _FeatureDistillMixin:
@@ -78,8 +112,8 @@ class _FeatureDistillMixin:
             )
         if teacher_model is None:
             raise ValueError("A teacher is required: pass `teacher_model` (a model or a path / Hub id).")
-        student_cfg = _text_config(model, getattr(args, "model_init_kwargs", None))
-        teacher_cfg = _text_config(teacher_model, args.teacher_model_init_kwargs)
+        student_cfg = _text_config(model, getattr(args, "model_init_kwargs", None), "student")
+        teacher_cfg = _text_config(teacher_model, args.teacher_model_init_kwargs, "teacher")
         if student_cfg.vocab_size != teacher_cfg.vocab_size:
             raise ValueError(
                 f"Vocabulary mismatch: the student has vocab_size {student_cfg.vocab_size}, the teacher "
@@ -117,7 +151,7 @@ class _FeatureDistillMixin:
             return prepare_fsdp(teacher.to(self.accelerator.device), self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, teacher_id: str | None) -> None:
+    def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, references: dict) -> None:
         args: TaskFeatureDistillConfig = self.args
         self._fd_teacher = teacher
         teacher.requires_grad_(False)
@@ -136,17 +170,12 @@ class _FeatureDistillMixin:
             )
             for s, t in args.layer_pairs
         ]
-        selection = self._resolve_selection(unit_selection, teacher, teacher_id, pairs, s_cfg, t_cfg)
+        selection = self._resolve_selection(unit_selection, teacher, references, pairs, s_cfg, t_cfg)
         self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
-        selection.training = {
-            "host": self._host_loss_name.split("_")[0],  # "jsd" (GKD host) or "ce" (SFT host)
-            "logit_loss": self._default_logit_loss,
-            "beta": args.beta if self._default_logit_loss == "jsd" else None,
-            "lmbda": args.lmbda if self._default_logit_loss == "jsd" else None,
-            "feature_loss_type": args.feature_loss_type,
-            "feature_loss_weight": args.feature_loss_weight,
-            "feature_projector": args.feature_projector,
-        }
+        selection.teacher = _sanitized_reference(selection.teacher) or references["teacher"]
+        selection.student = references["student"]
+        selection.data = self._describe_data()
+        selection.training = self._training_record()
         self.unit_selection = selection
         selection.attach_to(self.model)
         logger.info(
@@ -174,12 +203,21 @@ class _FeatureDistillMixin:
         if selection.selection_method == "projector":
             self._add_projector(student, s_cfg.hidden_size, t_cfg.hidden_size, len(selection.layers))
 
-    def _resolve_selection(self, unit_selection, teacher, teacher_id, pairs, s_cfg, t_cfg) -> UnitSelection:
+    def _resolve_selection(self, unit_selection, teacher, references, pairs, s_cfg, t_cfg) -> UnitSelection:
         args: TaskFeatureDistillConfig = self.args
         if unit_selection is None and args.selection_path:
             unit_selection = args.selection_path
+        if unit_selection is None and not args.feature_projector:
+            # A student cut out of this teacher (`hf-taskdistill prune`) carries the units it was cut at: student
+            # unit i is teacher unit S_i, so those are the units to distil, in that order, without re-scoring.
+            student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            stored = getattr(student.config, "task_distill", None)
+            if isinstance(stored, dict) and stored.get("init"):
+                unit_selection = stored
+                logger.info("The student was pruned from the teacher: reusing its residual units (no scoring).")
         if unit_selection is not None:
             selection = load_unit_selection(unit_selection)
+            self._reconcile_stored(selection, pairs, s_cfg, t_cfg, references)
             logger.info("Reusing a stored unit selection (%s); scoring skipped.", selection.selection_method)
             return selection
         if args.feature_projector:
@@ -188,7 +226,7 @@ class _FeatureDistillMixin:
                 selection_method="projector",
                 teacher_hidden_size=t_cfg.hidden_size,
                 student_hidden_size=s_cfg.hidden_size,
-                teacher={"model_id": teacher_id, "revision": getattr(teacher.config, "_commit_hash", None)},
+                teacher=references["teacher"],
             )
         k = args.selection_num_units or s_cfg.hidden_size
         batches = self._scoring_batches()
@@ -201,21 +239,108 @@ class _FeatureDistillMixin:
             order=args.selection_order,
             seed=args.selection_seed,
             student_hidden_size=s_cfg.hidden_size,
-            teacher_id=teacher_id,
-            teacher_revision=getattr(teacher.config, "_commit_hash", None),
+            teacher_id=references["teacher"]["model_id"],
+            teacher_revision=references["teacher"]["revision"],
             show_progress=not args.disable_tqdm,
         )
 
-    def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _reconcile_stored(self, selection: UnitSelection, pairs, s_cfg, t_cfg, references) -> None:
+        """A stored selection must agree with the run's explicit settings: an error names both values."""
+        args: TaskFeatureDistillConfig = self.args
+        stored_pairs = [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
+        if args.feature_layers is not None and stored_pairs != pairs:
+            raise ValueError(
+                f"feature_layers asks for layer pairs {pairs} (student, teacher), but the stored selection was made "
+                f"for {stored_pairs}. Drop feature_layers to train on the stored pairs, or re-score without "
+                "selection_path for the new pairs."
+            )
+        if args.selection_num_units is not None and args.selection_num_units != selection.k:
+            raise ValueError(
+                f"selection_num_units={args.selection_num_units}, but the stored selection holds k={selection.k} "
+                "units. Drop selection_num_units to use the stored k, or re-score without selection_path."
+            )
+        if args.selection_num_units is None and selection.k != s_cfg.hidden_size:
+            raise ValueError(
+                f"The stored selection holds k={selection.k} units, but the student's hidden size is "
+                f"{s_cfg.hidden_size} (k defaults to the student width). Set selection_num_units={selection.k} to "
+                "match only the first k student units, or re-score without selection_path."
+            )
+        selection.student_hidden_size = s_cfg.hidden_size  # the student this run trains
+
+    def _describe_data(self) -> dict[str, Any]:
+        """What the card says about the training data: a name when the dataset has one, the size, the columns."""
+        dataset = self.train_dataset
+        info = getattr(dataset, "info", None)
+        name = getattr(info, "dataset_name", None)
+        if name in ("json", "csv", "parquet", "text", "generator", "arrow") or (name and not is_hub_id(name)):
+            name = None  # a builder name or a local file, not a dataset id
+        data = {"name": self._dataset_name or name, "num_examples": None, "columns": None, "streamed": False}
+        try:
+            data["num_examples"] = len(dataset)
+        except TypeError:
+            data["streamed"] = True
+        columns = getattr(dataset, "column_names", None)
+        data["columns"] = list(columns) if isinstance(columns, list) else None
+        return data
+
+    def _training_record(self) -> dict[str, Any]:
+        args: TaskFeatureDistillConfig = self.args
+        jsd = self._default_logit_loss == "jsd"
+        return {
+            "host": self._host_loss_name.split("_")[0],  # "jsd" (GKD host) or "ce" (SFT host)
+            "logit_loss": self._default_logit_loss,
+            "beta": args.beta if jsd else None,
+            "lmbda": args.lmbda if jsd else None,
+            "feature_loss_type": args.feature_loss_type,
+            "feature_loss_weight": args.feature_loss_weight,
+            "feature_projector": args.feature_projector,
+            "hyperparameters": {
+                "learning_rate": args.learning_rate,
+                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+                "num_train_epochs": args.num_train_epochs if args.max_steps <= 0 else None,
+                "max_steps": args.max_steps if args.max_steps > 0 else None,
+                "per_device_train_batch_size": args.per_device_train_batch_size,
+                "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "num_processes": self.accelerator.num_processes,
+                "max_length": args.max_length,
+                "temperature": args.temperature if jsd else None,
+                "seed": args.seed,
+                "selection_num_samples": args.selection_num_samples,
+            },
+        }
+
+    def _scoring_subset(self):
+        """The examples to score, as the host prepared them (tokenised, packed, ...): a seeded subset of a map-style
+        dataset, or the first `selection_num_samples` examples a stream (`datasets.IterableDataset`) yields."""
+        import itertools
+
+        from datasets import Dataset, IterableDataset
+
         args: TaskFeatureDistillConfig = self.args
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("Unit selection needs a train_dataset to score on (or pass `selection_path`).")
-        if not hasattr(dataset, "select"):
-            raise ValueError("Unit selection needs a map-style datasets.Dataset; pass `selection_path` otherwise.")
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            # A stream has no random access: score its head. Shuffle the stream yourself
+            # (`dataset.shuffle(seed=..., buffer_size=...)`) when its first examples are not representative.
+            rows = list(itertools.islice(iter(dataset), args.selection_num_samples))
+            if not rows:
+                raise ValueError("Unit selection: the streamed train_dataset yielded no example.")
+            if len(rows) < args.selection_num_samples:
+                logger.warning("Unit selection: the stream ended after %d examples (asked for %d).", len(rows),
+                               args.selection_num_samples)  # fmt: skip
+            return Dataset.from_list(rows)
+        if not hasattr(dataset, "select"):  # a torch Dataset
+            n = min(args.selection_num_samples, len(dataset))
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.selection_seed))
+            return [dataset[int(i)] for i in order[:n]]
         n = min(args.selection_num_samples, len(dataset))
-        subset = dataset.shuffle(seed=args.selection_seed).select(range(n))
-        if args.remove_unused_columns:
+        return dataset.shuffle(seed=args.selection_seed).select(range(n))
+
+    def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
+        args: TaskFeatureDistillConfig = self.args
+        subset = self._scoring_subset()
+        if args.remove_unused_columns and hasattr(subset, "column_names"):
             subset = self._remove_unused_columns(subset, description="scoring")
         batch_size = args.selection_batch_size or args.per_device_train_batch_size
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
@@ -324,6 +449,15 @@ class _FeatureDistillMixin:
             floats = torch.stack([values[i].detach().float().reshape(()).to(device) for values, i in queued]).tolist()
             for (values, i), value in zip(queued, floats, strict=True):
                 values[i] = value
+        if mode == "eval":
+            # TRL prefixes its metrics with "eval_" only; with a dict of eval datasets (`eval_a_loss`, ...) every set's
+            # values would land under the same key and the last set would overwrite the others. Use the set's prefix.
+            prefix = next((k[: -len("loss")] for k in logs if k.startswith("eval_") and k.endswith("_loss")), "eval_")
+            if prefix != "eval_":
+                for key, values in self._metrics[mode].items():
+                    if values:
+                        logs[f"{prefix}{key}"] = sum(values) / len(values)
+                self._metrics[mode].clear()
         super().log(logs, start_time)
 
     # ----- saving and resuming -----
@@ -388,7 +522,9 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
         teacher_model: the teacher (model or path / Hub id); same vocabulary as the student.
         args: a [`TaskFeatureDistillConfig`].
         train_dataset: a dataset with a `messages` column (conversational), as for GKD.
-        unit_selection: optional [`UnitSelection`], model, path or Hub id whose stored selection is reused.
+        unit_selection: optional [`UnitSelection`], model, path or Hub id whose stored selection is reused. A student
+            made by `hf-taskdistill prune` reuses the units it was cut at by itself.
+        dataset_name: optional name of the training data (a Hub dataset id, or a short label), recorded for the card.
         **kwargs: everything else [`~trl.experimental.gkd.GKDTrainer`] takes (`processing_class`, `peft_config`,
             `eval_dataset`, `data_collator`, `callbacks`, ...).
     """
@@ -405,21 +541,21 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
         return self._token_factor(num_items_in_batch)
 
     def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
-                 train_dataset=None, unit_selection=None, **kwargs):  # fmt: skip
-        args = args if args is not None else TaskFeatureDistillConfig(output_dir="outputs")
+                 train_dataset=None, unit_selection=None, dataset_name: str | None = None, **kwargs):  # fmt: skip
+        args = _coerce_args(args, model, type(self).__name__)
+        self._dataset_name = dataset_name
         self._precheck(model, teacher_model, args)
         _check_dataset_columns(
             train_dataset, [("messages",)], "GKD-host",
-            "Map prompt/completion data to {'messages': [...prompt turns, assistant turn]} first, e.g. with "
-            "hf_taskdistill.data.to_messages, or use FeatureDistillSFTTrainer.",
+            "Dolly- or DialogSum-shaped JSONL: load it with hf_taskdistill.data.load_task_dataset(path, "
+            "format='messages') (then fit_to_max_length); other prompt/completion data: map it to "
+            "{'messages': [...prompt turns, assistant turn]}, or use FeatureDistillSFTTrainer.",
         )  # fmt: skip
-        teacher_id = _public_model_id(
-            teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
-        )
+        references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
         super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
         if self.is_fsdp_enabled:
             self.teacher_model = self._prepare_teacher(self.teacher_model)
-        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
+        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, references)
 
 
 class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
@@ -433,7 +569,8 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
         model: the student.
         teacher_model: the teacher (model or path / Hub id).
         args: a [`TaskFeatureDistillConfig`] (`beta`, `lmbda` and the other GKD fields are unused).
-        unit_selection: optional stored selection to reuse.
+        unit_selection: optional stored selection to reuse (a pruned student reuses its own by itself).
+        dataset_name: optional name of the training data, recorded for the card.
         **kwargs: everything else [`~trl.SFTTrainer`] takes.
     """
 
@@ -444,16 +581,16 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
     _default_logit_loss = "none"
 
     def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
-                 train_dataset=None, unit_selection=None, **kwargs):  # fmt: skip
-        args = args if args is not None else TaskFeatureDistillConfig(output_dir="outputs")
+                 train_dataset=None, unit_selection=None, dataset_name: str | None = None, **kwargs):  # fmt: skip
+        args = _coerce_args(args, model, type(self).__name__)
+        self._dataset_name = dataset_name
         self._precheck(model, teacher_model, args)
         _check_dataset_columns(
             train_dataset, [("prompt", "completion"), ("messages",), ("text",), ("input_ids",)], "SFT-host",
-            "Map instruction data to prompt/completion first (hf_taskdistill.data).",
+            "Dolly- or DialogSum-shaped JSONL: load it with hf_taskdistill.data.load_task_dataset(path, "
+            "format='prompt_completion') (then fit_to_max_length).",
         )  # fmt: skip
-        teacher_id = _public_model_id(
-            teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
-        )
+        references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if isinstance(teacher_model, str):
             init_kwargs = dict(args.teacher_model_init_kwargs or {})
@@ -462,13 +599,11 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model, **init_kwargs)
         self.teacher_model = self._prepare_teacher(teacher_model)
         self._forward_redirection = _ForwardRedirection()
-        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, teacher_id)
+        self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, references)
 
     def _teacher_forward(self, inputs: dict[str, Any]) -> None:
         # Backbone only: the taps need hidden states, not the (B, T, V) logits.
-        keys = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                "max_length_k")  # fmt: skip
-        teacher_inputs = {k: inputs[k] for k in keys if k in inputs}
+        teacher_inputs = model_inputs(inputs)  # the same keys the scoring pass feeds the teacher
         self.teacher_model.eval()
         with torch.no_grad():
             # Through the wrapper, so FSDP / DeepSpeed gather the sharded parameters first (as TRL's Distillation).

@@ -252,7 +252,7 @@ def test_layer_index_out_of_range(student, teacher, tokenizer, messages_dataset,
 
 
 def test_missing_dataset_columns(student, teacher, tokenizer, prompt_completion_dataset, tmp_path):
-    with pytest.raises(ValueError, match="messages.*Map prompt/completion"):
+    with pytest.raises(ValueError, match="messages.*load_task_dataset"):
         _make(FeatureDistillTrainer, student, teacher, tokenizer, prompt_completion_dataset, tmp_path)
     with pytest.raises(ValueError, match="prompt\\+completion or messages"):
         _make(FeatureDistillSFTTrainer, student, teacher, tokenizer, Dataset.from_list([{"question": "a"}]), tmp_path)
@@ -286,7 +286,8 @@ def test_local_teacher_path_is_stored_by_folder_name_only(student, teacher, toke
     args = make_config(tmp_path, max_steps=1, teacher_model_init_kwargs={"dtype": "float32"})
     trainer = FeatureDistillTrainer(model=student, teacher_model=str(tmp_path / "private" / "my-teacher"), args=args,
                                     train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
-    assert trainer.unit_selection.teacher["model_id"] == "my-teacher"
+    # A local folder is a local label, never a Hub id (no link to a repo that does not exist) and never a path.
+    assert trainer.unit_selection.teacher == {"model_id": None, "revision": None, "local_name": "my-teacher"}
     assert str(tmp_path) not in json.dumps(student.config.task_distill)
 
 
@@ -317,3 +318,70 @@ def test_feature_path_adds_no_host_sync(trainer_cls, student, teacher, tokenizer
     for key in ("feature_loss", "feature_corr", host):
         (value,) = _logged(trainer, key)
         assert type(value) is float and value == value, key
+
+
+# ----- a user's first hour: provenance, conflicts with a stored selection, missing paths -----
+def test_reused_selection_keeps_scores_and_records_provenance(student, teacher, tokenizer, messages_dataset,
+                                                               tmp_path):  # fmt: skip
+    from hf_taskdistill.selection import SCORES_NAME
+
+    first = FeatureDistillTrainer(model=student, teacher_model=teacher, args=make_config(tmp_path, max_steps=1),
+                                  train_dataset=messages_dataset, processing_class=tokenizer, dataset_name="toy/ops")  # fmt: skip
+    first.train()
+    first.save_model(str(tmp_path / "first"))
+    assert (tmp_path / "first" / SCORES_NAME).is_file()
+    stored = load_unit_selection(str(tmp_path / "first"))
+    assert stored.full_scores is not None and stored.full_scores[0].shape == (32,)
+    assert stored.data["name"] == "toy/ops" and stored.data["num_examples"] == len(messages_dataset)
+    hyper = stored.training["hyperparameters"]
+    assert hyper["learning_rate"] == 1e-2 and hyper["max_steps"] == 1 and hyper["per_device_train_batch_size"] == 4
+
+    fresh = tiny_llama(len(tokenizer), hidden_size=16, num_layers=2, seed=3)
+    args = make_config(tmp_path / "b", max_steps=1, selection_path=str(tmp_path / "first"))
+    second = FeatureDistillTrainer(model=fresh, teacher_model=teacher, args=args, train_dataset=messages_dataset,
+                                   processing_class=tokenizer)  # fmt: skip
+    second.save_model(str(tmp_path / "second"))
+    again = load_unit_selection(str(tmp_path / "second"))
+    assert torch.equal(again.full_scores[0], stored.full_scores[0])  # the card's plot survives the reuse
+    assert again.layers[0].indices == stored.layers[0].indices
+
+
+def test_stored_selection_conflicts_name_both_values(student, teacher, tokenizer, messages_dataset, tmp_path):
+    first = FeatureDistillTrainer(model=student, teacher_model=teacher, args=make_config(tmp_path, max_steps=1),
+                                  train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
+    first.save_model(str(tmp_path / "sel"))  # layer pair (1, 2), k = 16
+    sel = str(tmp_path / "sel")
+
+    def make(model, **kw):
+        return FeatureDistillTrainer(model=model, teacher_model=teacher, args=make_config(tmp_path / "x", **kw),
+                                     train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"\[\(0, 1\)\].*stored selection was made for \[\(1, 2\)\]"):
+        make(tiny_llama(len(tokenizer), hidden_size=16, num_layers=2, seed=3), selection_path=sel,
+             feature_layers=[0, 1])  # fmt: skip
+    wider = tiny_llama(len(tokenizer), hidden_size=24, num_layers=2, seed=3)
+    with pytest.raises(ValueError, match=r"k=16 units, but the student's hidden size is 24.*selection_num_units=16"):
+        make(wider, selection_path=sel)
+    with pytest.raises(ValueError, match=r"selection_num_units=8, but the stored selection holds k=16"):
+        make(
+            tiny_llama(len(tokenizer), hidden_size=16, num_layers=2, seed=3), selection_path=sel, selection_num_units=8
+        )
+    # The documented way out: match only the first k units of the wider student; the record says 24.
+    ok = make(tiny_llama(len(tokenizer), hidden_size=24, num_layers=2, seed=3), selection_path=sel,
+              selection_num_units=16)  # fmt: skip
+    assert ok.unit_selection.k == 16 and ok.unit_selection.student_hidden_size == 24
+
+
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_missing_local_model_path_is_named(who, student, teacher, tokenizer, messages_dataset, tmp_path):
+    missing = str(tmp_path / "no-such-dir" / "model")
+    models = {"model": student, "teacher_model": teacher}
+    models["teacher_model" if who == "teacher" else "model"] = missing
+    with pytest.raises(FileNotFoundError, match=f"{who} '{missing}' is not an existing local directory"):
+        FeatureDistillTrainer(**models, args=make_config(tmp_path), train_dataset=messages_dataset,
+                              processing_class=tokenizer)  # fmt: skip
+    # A relative path that looks like a Hub id ("local/teacher") is read as one; offline, the error says so.
+    models["teacher_model" if who == "teacher" else "model"] = "local-missing/teacher"
+    with pytest.raises(OSError, match=r"'local-missing/teacher', read as a Hub repo id \(HF_HUB_OFFLINE is set"):
+        FeatureDistillTrainer(**models, args=make_config(tmp_path), train_dataset=messages_dataset,
+                              processing_class=tokenizer)  # fmt: skip

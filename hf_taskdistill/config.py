@@ -45,8 +45,11 @@ class TaskFeatureDistillConfig(GKDConfig):
     selection_path (`str` or `None`, *optional*, defaults to `None`):
         Reuse a stored selection instead of scoring: a distilled model directory or Hub id, a `config.json`, or a
         `task_distill.json` written by `hf-taskdistill select`.
-    feature_layers (`list[int]` or `None`, *optional*, defaults to `None`):
-        Layer pairs `[student_layer, teacher_layer, ...]` (flat, or a list of pairs in YAML). Negative indices
+    feature_layers (`list[int]`, `list[list[int]]` or `None`, *optional*, defaults to `None`):
+        Layer pairs `[student_layer, teacher_layer, ...]`, flat or as a list of pairs, in Python, YAML and on the
+        command line (`--feature_layers 1 15 3 29`, `1,15 3,29` or `[[1,15],[3,29]]`). `"all"` matches every
+        student layer: to the teacher layer it was cut from for a student made by `hf-taskdistill prune` (same
+        residual units at every layer), else by the proportional rule round((i+1) L_T / L_S) - 1. Negative indices
         count from the end. `None` means the last decoder layer of each model. Each pair has its own selection and
         loss term; the terms are averaged.
 
@@ -121,11 +124,13 @@ class TaskFeatureDistillConfig(GKDConfig):
             "of scoring."
         },
     )
-    feature_layers: list[int] | None = field(
+    # `list[str]` for the command line, which then takes `1 15 3 29`, `1,15 3,29` or `[[1,15],[3,29]]` alike;
+    # __post_init__ turns every form into pairs of ints.
+    feature_layers: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Layer pairs as a flat list student_layer teacher_layer ... (negative counts from the end). "
-            "None: last layer of each model.",
+            "help": "Layer pairs student_layer teacher_layer ...: `1 15 3 29`, `1,15 3,29` or `[[1,15],[3,29]]` "
+            "(negative counts from the end), or `all`. None: last layer of each model.",
             "nargs": "+",
         },
     )
@@ -208,16 +213,64 @@ class TaskFeatureDistillConfig(GKDConfig):
 
     @property
     def layer_pairs(self) -> list[tuple[int, int]]:
-        """The `(student_layer, teacher_layer)` pairs, possibly negative; `[(-1, -1)]` by default."""
+        """The `(student_layer, teacher_layer)` pairs, possibly negative; `[(-1, -1)]` by default; `[]` for
+        `feature_layers="all"`, which only `resolve_layer_pairs` can expand (it needs the layer counts)."""
+        if self.feature_layers == ALL_LAYERS:
+            return []
         return [tuple(p) for p in self.feature_layers] if self.feature_layers else [(-1, -1)]
 
+    def resolve_layer_pairs(
+        self, num_student_layers: int, num_teacher_layers: int, layers_kept: list[int] | None = None
+    ) -> list[tuple[int, int]]:
+        """Non-negative `(student_layer, teacher_layer)` pairs for these models.
 
-def parse_layer_pairs(value) -> list[list[int]] | None:
-    """Accept `None`, a flat list `[s, t, s, t]` (CLI) or a list of pairs `[[s, t], ...]` (YAML)."""
+        `feature_layers="all"` matches every student layer: to the teacher layer it was cut from for a student made
+        by `hf-taskdistill prune` (`layers_kept`), else by the proportional rule round((i+1) L_T / L_S) - 1.
+        """
+        from .hooks import resolve_layer_index
+
+        if self.feature_layers == ALL_LAYERS:
+            if layers_kept is not None:
+                if len(layers_kept) != num_student_layers:
+                    raise ValueError(
+                        f"The student has {num_student_layers} layers but its pruning record keeps {len(layers_kept)}."
+                    )
+                return [(i, int(t)) for i, t in enumerate(layers_kept)]
+            return [
+                (i, round((i + 1) * num_teacher_layers / num_student_layers) - 1) for i in range(num_student_layers)
+            ]
+        return [
+            (
+                resolve_layer_index(s, num_student_layers, "student"),
+                resolve_layer_index(t, num_teacher_layers, "teacher"),
+            )
+            for s, t in self.layer_pairs
+        ]
+
+
+ALL_LAYERS = "all"
+
+
+def parse_layer_pairs(value) -> list[list[int]] | str | None:
+    """Accept `None`, `"all"`, a flat list `[s, t, s, t]`, a list of pairs `[[s, t], ...]`, or the command-line
+    strings `"1 15"`, `"1,15"`, `"[[1,15],[3,29]]"`."""
     if value is None or value == []:
         return None
     if isinstance(value, str):
-        value = [int(v) for v in value.replace(",", " ").split()]
+        value = [value]
+    if list(value) == [ALL_LAYERS] or value == ALL_LAYERS:
+        return ALL_LAYERS
+    if all(isinstance(v, str) for v in value):  # command-line forms: "1 15", "1,15", "[[1,15],[3,29]]"
+        text = " ".join(value)
+        for ch in "[](),":
+            text = text.replace(ch, " ")
+        try:
+            value = [int(v) for v in text.split()]
+        except ValueError as e:
+            raise ValueError(
+                f"feature_layers must hold integer layer indices, got {' '.join(map(str, value))!r}. "
+                "Example: --feature_layers -1 -1 or --feature_layers [[3,29],[1,15]]."
+            ) from e
     if all(isinstance(v, (list, tuple)) for v in value):
         pairs = [list(v) for v in value]
     else:

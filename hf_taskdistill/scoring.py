@@ -32,6 +32,8 @@ SCORE_METHODS = ("grad", "grad_x_act", "random")
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
     "max_length_k", "seq_idx",
+    # vision-language batches (TRL's DataCollatorForVisionLanguageModeling)
+    "pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids",
 )  # fmt: skip
 
 

@@ -133,9 +133,7 @@ class _FeatureDistillMixin:
                 raise ValueError(
                     f"selection_num_units={k} exceeds min(student hidden size {d_s}, teacher hidden size {d_t})."
                 )
-        for s_layer, t_layer in args.layer_pairs:
-            resolve_layer_index(s_layer, student_cfg.num_hidden_layers, "student")
-            resolve_layer_index(t_layer, teacher_cfg.num_hidden_layers, "teacher")
+        args.resolve_layer_pairs(student_cfg.num_hidden_layers, teacher_cfg.num_hidden_layers)  # bad index: error
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher for the engine in use, as TRL does for its own teachers: DeepSpeed (ZeRO-3 shards it),
@@ -163,13 +161,10 @@ class _FeatureDistillMixin:
             return
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
-        pairs = [
-            (
-                resolve_layer_index(s, s_cfg.num_hidden_layers, "student"),
-                resolve_layer_index(t, t_cfg.num_hidden_layers, "teacher"),
-            )
-            for s, t in args.layer_pairs
-        ]
+        init = self._pruning_record(student)
+        pairs = args.resolve_layer_pairs(
+            s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, init.get("layers_kept") if init else None
+        )
         selection = self._resolve_selection(unit_selection, teacher, references, pairs, s_cfg, t_cfg)
         self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
         selection.teacher = _sanitized_reference(selection.teacher) or references["teacher"]
@@ -207,16 +202,17 @@ class _FeatureDistillMixin:
         args: TaskFeatureDistillConfig = self.args
         if unit_selection is None and args.selection_path:
             unit_selection = args.selection_path
-        if unit_selection is None and not args.feature_projector:
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if unit_selection is None and not args.feature_projector and self._pruning_record(student):
             # A student cut out of this teacher (`hf-taskdistill prune`) carries the units it was cut at: student
             # unit i is teacher unit S_i, so those are the units to distil, in that order, without re-scoring.
-            student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            stored = getattr(student.config, "task_distill", None)
-            if isinstance(stored, dict) and stored.get("init"):
-                unit_selection = stored
-                logger.info("The student was pruned from the teacher: reusing its residual units (no scoring).")
+            unit_selection = student.config.task_distill
+            logger.info("The student was pruned from the teacher: reusing its residual units (no scoring).")
         if unit_selection is not None:
             selection = load_unit_selection(unit_selection)
+            if args.feature_layers == "all" and selection.init:
+                # The residual stream is shared by every layer: the same units match at every kept layer.
+                selection.layers = [LayerSelection(s, t, list(selection.init["residual_indices"])) for s, t in pairs]
             self._reconcile_stored(selection, pairs, s_cfg, t_cfg, references)
             logger.info("Reusing a stored unit selection (%s); scoring skipped.", selection.selection_method)
             return selection
@@ -243,6 +239,13 @@ class _FeatureDistillMixin:
             teacher_revision=references["teacher"]["revision"],
             show_progress=not args.disable_tqdm,
         )
+
+    @staticmethod
+    def _pruning_record(student) -> dict | None:
+        """The `init` block of a student made by `hf-taskdistill prune` (how it was cut), else None."""
+        stored = getattr(student.config, "task_distill", None)
+        init = stored.get("init") if isinstance(stored, dict) else None
+        return init if isinstance(init, dict) and init.get("residual_indices") else None
 
     def _reconcile_stored(self, selection: UnitSelection, pairs, s_cfg, t_cfg, references) -> None:
         """A stored selection must agree with the run's explicit settings: an error names both values."""

@@ -43,3 +43,14 @@ def test_parse_layer_pairs_forms():
     assert parse_layer_pairs("0 1, 1 3") == [[0, 1], [1, 3]]
     with pytest.raises(ValueError, match="pairs of integers"):
         parse_layer_pairs([[0, 1.5]])
+
+
+def test_feature_layers_accept_every_command_line_form():
+    from hf_taskdistill.config import parse_layer_pairs
+
+    for value in (["1", "15", "0", "3"], ["1,15", "0,3"], ["[[1,15],[0,3]]"], [[1, 15], [0, 3]], [1, 15, 0, 3]):
+        assert parse_layer_pairs(value) == [[1, 15], [0, 3]], value
+    with pytest.raises(ValueError, match="integer layer indices"):
+        parse_layer_pairs(["last"])
+    with pytest.raises(ValueError, match="odd-length"):
+        parse_layer_pairs(["1,15", "3"])

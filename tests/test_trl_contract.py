@@ -173,6 +173,9 @@ def test_eval_dataset_single_and_dict(host, tokenizer, tmp_path):
     metrics = trainer.evaluate()
     for name in ("a", "b"):
         assert metrics[f"eval_{name}_feature_loss"] > 0 and metrics[f"eval_{name}_loss"] > 0, metrics
+        if host == "sft":  # TRL's own metrics get the set's prefix too (TRL alone logs them all as eval_entropy)
+            assert f"eval_{name}_entropy" in metrics
+    assert metrics["eval_a_feature_loss"] != metrics["eval_b_feature_loss"]
     single = trainer.evaluate(eval_dataset=build(tokenizer).select(range(8)))
     assert single["eval_feature_loss"] > 0 and single["eval_loss"] > 0
 

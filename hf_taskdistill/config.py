@@ -25,6 +25,12 @@ class TaskFeatureDistillConfig(GKDConfig):
     Inherited: `teacher_model_name_or_path`, `teacher_model_init_kwargs` (a missing `"dtype"` key defaults to
     `"auto"`, which avoids a `KeyError` in TRL's GKD), `disable_dropout`.
 
+    teacher_cache (`str` or `None`, *optional*, defaults to `None`):
+        A teacher cache directory written by `hf-taskdistill cache` (`hf_taskdistill.cache.build_teacher_cache`): the
+        teacher's top-K log-probs (+ tail bucket) and selected units per completion token. No teacher is loaded; the
+        logit term is GKD's generalized JSD over the top-K support plus the tail, the feature term reads the cached
+        units. Off-policy only (`lmbda=0`, `seq_kd=False`): the teacher must see the student's own samples otherwise.
+
     > Parameters that control the unit selection
 
     selection_method (`str`, *optional*, defaults to `"grad"`):
@@ -135,6 +141,14 @@ class TaskFeatureDistillConfig(GKDConfig):
         },
     )
 
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from a teacher cache written by `hf-taskdistill cache` instead of running the teacher "
+            "(off-policy only: lmbda=0, seq_kd=False)."
+        },
+    )
+
     # Parameters that control the feature loss
     feature_loss_type: str = field(
         default="correlation",
@@ -183,6 +197,12 @@ class TaskFeatureDistillConfig(GKDConfig):
         if self.logit_loss not in (None, "jsd", "none"):
             raise ValueError(f"logit_loss must be 'jsd', 'none' or None, got {self.logit_loss!r}.")
         self.feature_layers = parse_layer_pairs(self.feature_layers)
+        if self.teacher_cache and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                f"teacher_cache is off-policy only, but lmbda={self.lmbda} and seq_kd={self.seq_kd}: on-policy steps "
+                "need the teacher to score the student's own samples. Set lmbda=0 and seq_kd=False, or drop "
+                "teacher_cache and load the teacher."
+            )
         if self.selection_seed is None:
             self.selection_seed = self.seed
 

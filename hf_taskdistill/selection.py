@@ -304,7 +304,9 @@ def load_unit_selection(source: Any, revision: str | None = None, token: str | b
             cfg = json.load(f)
         selection = _parse(cfg[CONFIG_KEY]) if CONFIG_KEY in cfg else _parse(cfg)
         return _with_scores(selection, os.path.dirname(path))
-    if os.path.sep in path and not os.path.exists(path):
+    from .provenance import is_hub_id
+
+    if not is_hub_id(path):
         raise FileNotFoundError(f"Unit selection {path!r}: no such file or directory.")
     return _load_from_hub(path, revision, token)
 

@@ -7,6 +7,7 @@ on top, normalised by the same `num_items_in_batch` as the host loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -85,6 +86,10 @@ def _coerce_args(args: Any, model: Any, trainer_name: str) -> TaskFeatureDistill
     return converted
 
 
+def selection_pairs(selection: UnitSelection) -> list[tuple[int, int]]:
+    return [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
+
+
 def _sanitized_reference(reference: dict | None) -> dict | None:
     """A stored teacher reference with any local path reduced to a local label (old selections stored paths)."""
     if not reference or not (reference.get("model_id") or reference.get("local_name")):
@@ -110,9 +115,13 @@ class _FeatureDistillMixin:
                 f"{type(self).__name__} trains with logit_loss={self._default_logit_loss!r}, but the config asks "
                 f"for {args.logit_loss!r}: use {other} (the CLI picks it from logit_loss)."
             )
-        if teacher_model is None:
-            raise ValueError("A teacher is required: pass `teacher_model` (a model or a path / Hub id).")
         student_cfg = _text_config(model, getattr(args, "model_init_kwargs", None), "student")
+        if args.teacher_cache:
+            return  # no teacher: the cache's header is checked against the tokenizer and selection at set-up
+        if teacher_model is None:
+            raise ValueError(
+                "A teacher is required: pass `teacher_model` (a model or a path / Hub id), or `teacher_cache`."
+            )
         teacher_cfg = _text_config(teacher_model, args.teacher_model_init_kwargs, "teacher")
         if student_cfg.vocab_size != teacher_cfg.vocab_size:
             raise ValueError(
@@ -152,6 +161,7 @@ class _FeatureDistillMixin:
     def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, references: dict) -> None:
         args: TaskFeatureDistillConfig = self.args
         self._fd_teacher = teacher
+        self._fd_cache = None
         teacher.requires_grad_(False)
         teacher.eval()
         self._fd_active = args.feature_loss_weight > 0
@@ -167,7 +177,29 @@ class _FeatureDistillMixin:
         )
         selection = self._resolve_selection(unit_selection, teacher, references, pairs, s_cfg, t_cfg)
         self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
+        self._finish_selection(selection, student, s_cfg, references, teacher_hidden_size=t_cfg.hidden_size)
+        device = next(teacher.parameters()).device
+        gather = {}
+        if selection.selection_method != "projector":
+            gather = {
+                ls.teacher_layer: torch.tensor(ls.indices, dtype=torch.long, device=device) for ls in selection.layers
+            }
+        self._teacher_tap = LayerTap(teacher, [ls.teacher_layer for ls in selection.layers], gather, detach=True)
+
+    def _finish_selection(self, selection, student, s_cfg, references, teacher_hidden_size: int) -> None:
+        """Record provenance and settings on the selection, attach it to the student, set up the student tap (and
+        the projector baseline). Shared by the online and the cached teacher."""
+        args: TaskFeatureDistillConfig = self.args
+        # A Hub id's revision is known once the model is loaded (the parent loads models given as strings).
+        for who, model in (("student", student), ("teacher", self._fd_teacher)):
+            ref = references[who]
+            if ref.get("model_id") and not ref.get("revision") and model is not None:
+                ref["revision"] = getattr(model.config, "_commit_hash", None)
         selection.teacher = _sanitized_reference(selection.teacher) or references["teacher"]
+        if selection.teacher.get("model_id") == references["teacher"].get("model_id") and not selection.teacher.get(
+            "revision"
+        ):
+            selection.teacher["revision"] = references["teacher"].get("revision")
         selection.student = references["student"]
         selection.data = self._describe_data()
         selection.training = self._training_record()
@@ -181,12 +213,6 @@ class _FeatureDistillMixin:
             selection.diagnostics,
         )
 
-        device = next(teacher.parameters()).device
-        gather = {}
-        if selection.selection_method != "projector":
-            gather = {
-                ls.teacher_layer: torch.tensor(ls.indices, dtype=torch.long, device=device) for ls in selection.layers
-            }
         self._fd_var = [
             None if ls.teacher_std is None else torch.tensor(ls.teacher_std, dtype=torch.float32).pow(2)
             for ls in selection.layers
@@ -194,9 +220,64 @@ class _FeatureDistillMixin:
         if args.feature_loss_type == "nmse" and any(v is None for v in self._fd_var):
             raise ValueError("feature_loss_type='nmse' needs the teacher unit std from a scoring pass (not stored).")
         self._student_tap = LayerTap(self.model, [ls.student_layer for ls in selection.layers])
-        self._teacher_tap = LayerTap(teacher, [ls.teacher_layer for ls in selection.layers], gather, detach=True)
         if selection.selection_method == "projector":
-            self._add_projector(student, s_cfg.hidden_size, t_cfg.hidden_size, len(selection.layers))
+            self._add_projector(student, s_cfg.hidden_size, teacher_hidden_size, len(selection.layers))
+
+    def _setup_from_cache(self, teacher_model: Any, unit_selection: Any, references: dict) -> None:
+        """Open `args.teacher_cache`, check it against this run before any step, take its selection, and wrap the
+        collator so every batch carries the cached teacher tensors. No teacher is loaded."""
+        from .cache import open_teacher_cache
+
+        args: TaskFeatureDistillConfig = self.args
+        self._fd_teacher = self._teacher_tap = None
+        self._fd_active = args.feature_loss_weight > 0
+        self.unit_selection = None
+        self._student_tap = None
+        eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        eval_sets = {k: v for k, v in eval_sets.items() if v is not None}
+        cache = open_teacher_cache(
+            args.teacher_cache,
+            tokenizer=self.processing_class,
+            max_length=args.max_length,
+            teacher=teacher_model if isinstance(teacher_model, str) else None,
+            temperature=1.0 if self._default_logit_loss == "jsd" else None,  # GKD's divergence uses temperature 1
+            need_logits=self._default_logit_loss == "jsd",
+            dataset=self.train_dataset,
+            collator=self.data_collator,
+            allow_extra=bool(eval_sets),  # one cache may hold the train and eval examples
+        )
+        for dataset in eval_sets.values():
+            cache.check_dataset(dataset, self.data_collator, allow_extra=True)
+        self._fd_cache = cache
+        self.data_collator = cache.wrap_collator(self.data_collator)
+        if not self._fd_active:
+            return
+        if unit_selection is None and args.selection_path:
+            unit_selection = args.selection_path
+        selection = load_unit_selection(unit_selection) if unit_selection is not None else cache.selection
+        if selection is None:
+            raise ValueError(
+                f"The teacher cache {args.teacher_cache} holds logits only (no teacher units), but "
+                f"feature_loss_weight={args.feature_loss_weight}: rebuild it with a selection "
+                "(`hf-taskdistill cache --selection_path ...`), or set feature_loss_weight=0."
+            )
+        cache.check_compatible(selection=selection)
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        s_cfg = student.config.get_text_config()
+        self._reconcile_stored(selection, selection_pairs(selection), s_cfg, None, references)
+        if args.feature_layers is not None:
+            # No teacher config here to resolve negative teacher indices: compare what can be compared.
+            stored = selection_pairs(selection)
+            n_s = s_cfg.num_hidden_layers
+            wanted = [(p[0] % n_s, p[1]) for p in args.feature_layers] if args.feature_layers != "all" else None
+            if wanted != stored:
+                raise ValueError(
+                    f"feature_layers={args.feature_layers} does not match the pairs the teacher cache holds, {stored} "
+                    "(student, teacher; give them as non-negative indices): drop feature_layers to use them."
+                )
+        self._finish_selection(
+            selection, student, s_cfg, references, teacher_hidden_size=selection.teacher_hidden_size
+        )
 
     def _resolve_selection(self, unit_selection, teacher, references, pairs, s_cfg, t_cfg) -> UnitSelection:
         args: TaskFeatureDistillConfig = self.args
@@ -273,11 +354,19 @@ class _FeatureDistillMixin:
     def _describe_data(self) -> dict[str, Any]:
         """What the card says about the training data: a name when the dataset has one, the size, the columns."""
         dataset = self.train_dataset
+        from .data import data_label
+
         info = getattr(dataset, "info", None)
         name = getattr(info, "dataset_name", None)
-        if name in ("json", "csv", "parquet", "text", "generator", "arrow") or (name and not is_hub_id(name)):
-            name = None  # a builder name or a local file, not a dataset id
-        data = {"name": self._dataset_name or name, "num_examples": None, "columns": None, "streamed": False}
+        if name in ("json", "csv", "parquet", "text", "generator", "arrow", "pandas", "dict"):
+            name = None  # a builder's name, not the data's
+        # `data_label`: a Hub id as is, a local file by a short label (`dolly/train.jsonl`), never a path
+        data = {
+            "name": data_label(self._dataset_name or name),
+            "num_examples": None,
+            "columns": None,
+            "streamed": False,
+        }
         try:
             data["num_examples"] = len(dataset)
         except TypeError:
@@ -289,7 +378,7 @@ class _FeatureDistillMixin:
     def _training_record(self) -> dict[str, Any]:
         args: TaskFeatureDistillConfig = self.args
         jsd = self._default_logit_loss == "jsd"
-        return {
+        record = {
             "host": self._host_loss_name.split("_")[0],  # "jsd" (GKD host) or "ce" (SFT host)
             "logit_loss": self._default_logit_loss,
             "beta": args.beta if jsd else None,
@@ -311,6 +400,11 @@ class _FeatureDistillMixin:
                 "selection_num_samples": args.selection_num_samples,
             },
         }
+        if getattr(self, "_fd_cache", None) is not None:
+            header = self._fd_cache.header
+            record["teacher_cache"] = {"top_k": header.get("top_k"), "dtype": header.get("dtype"),
+                                       "full_layer": any(x.get("full") for x in header.get("layers") or [])}  # fmt: skip
+        return record
 
     def _scoring_subset(self):
         """The examples to score, as the host prepared them (tokenised, packed, ...): a seeded subset of a map-style
@@ -390,6 +484,8 @@ class _FeatureDistillMixin:
         return 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._fd_cache is not None:
+            return self._compute_loss_from_cache(model, inputs, return_outputs, num_items_in_batch)
         if not self._fd_active:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             host = (result[0] if return_outputs else result) * self._host_correction(num_items_in_batch)
@@ -403,6 +499,27 @@ class _FeatureDistillMixin:
         loss = host + self.args.feature_loss_weight * feature.to(host.device, host.dtype)
         self._log_host(host, inputs, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
+
+    def _cached_logit_loss(self, model, inputs, cached, return_outputs, num_items_in_batch):
+        """The host loss from a teacher cache, `(loss, outputs or None)`: SFT's own cross-entropy, or GKD's
+        generalized JSD over the cached top-K + tail (`sparse_kd`), reduced like `GKDTrainer.generalized_jsd_loss`."""
+        # Only ask SFT for outputs when the caller does: with return_outputs=True it runs a second (no-grad) forward,
+        # which would overwrite the student tap's capture.
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return result if return_outputs else (result, None)
+
+    def _compute_loss_from_cache(self, model, inputs, return_outputs, num_items_in_batch):
+        cached = self._fd_cache.pop_batch(inputs, self.unit_selection)  # the model call never sees the cached keys
+        capture = self._student_tap.capture() if self._fd_active else contextlib.nullcontext({})
+        with capture as student_out:
+            host, outputs = self._cached_logit_loss(model, inputs, cached, return_outputs, num_items_in_batch)
+        host = host * self._host_correction(num_items_in_batch)
+        loss = host
+        if self._fd_active:
+            feature = self._feature_term(student_out, cached.units, inputs["labels"], num_items_in_batch)
+            loss = host + self.args.feature_loss_weight * feature.to(host.device, host.dtype)
+        self._log_host(host, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
     def _feature_term(self, student_out, teacher_out, labels, num_items_in_batch) -> torch.Tensor:
         mask = valid_positions(labels)
@@ -555,10 +672,44 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
             "{'messages': [...prompt turns, assistant turn]}, or use FeatureDistillSFTTrainer.",
         )  # fmt: skip
         references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
+        if args.teacher_cache:
+            self._init_without_teacher(model, args, train_dataset, kwargs)
+            self._setup_from_cache(teacher_model, unit_selection, references)
+            return
         super().__init__(model=model, teacher_model=teacher_model, args=args, train_dataset=train_dataset, **kwargs)
         if self.is_fsdp_enabled:
             self.teacher_model = self._prepare_teacher(self.teacher_model)
         self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, references)
+
+    def _init_without_teacher(self, model, args, train_dataset, kwargs) -> None:
+        # `GKDTrainer.__init__` loads and places a teacher, and a cache has none: run its set-up without that part
+        # (the ChatML collator, the dataset left unprepared for it, dropout off); on-policy steps are refused by
+        # the config, so GKD's generation settings are never used.
+        from trl.experimental.utils import DataCollatorForChatML
+        from trl.trainer.utils import disable_dropout_in_model
+
+        args.remove_unused_columns = False
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = DataCollatorForChatML(tokenizer=kwargs.get("processing_class"),
+                                                            max_length=args.max_length)  # fmt: skip
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        SFTTrainer.__init__(self, model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+        self.teacher_model = None
+        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+
+    def _cached_logit_loss(self, model, inputs, cached, return_outputs, num_items_in_batch):
+        from .sparse_kd import sparse_generalized_jsd_loss
+
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        mask = valid_positions(inputs["labels"]).to(outputs.logits.device)
+        total = sparse_generalized_jsd_loss(outputs.logits, cached.topk_ids.to(mask.device),
+                                            cached.topk_logprobs.to(mask.device), cached.tail_logprob.to(mask.device),
+                                            mask, beta=self.beta)  # fmt: skip
+        if num_items_in_batch is not None:
+            return total / torch.as_tensor(num_items_in_batch, device=total.device), outputs
+        return total / mask.sum().clamp_min(1), outputs
 
 
 class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
@@ -595,6 +746,10 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
         )  # fmt: skip
         references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if args.teacher_cache:
+            self.teacher_model = None
+            self._setup_from_cache(teacher_model, unit_selection, references)
+            return
         if isinstance(teacher_model, str):
             init_kwargs = dict(args.teacher_model_init_kwargs or {})
             if init_kwargs.get("dtype") not in (None, "auto"):

@@ -117,3 +117,79 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+# ----- a tiny vision-language pair (LLaVA), for the SFT host's multimodal input path -----
+IMAGE_TOKEN = "<image>"
+VLM_IMAGE_SIZE = 8  # pixels per side after resizing / cropping
+VLM_PATCH_SIZE = 4  # -> (8 / 4)^2 = 4 image tokens per image (the CLS token is dropped)
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def build_toy_processor():
+    """A `LlavaProcessor` over the toy word-level tokenizer plus an `<image>` token (the last id).
+
+    Images are resized and cropped to 8x8 pixels and become 4 `<image>` tokens; the chat template renders TRL's
+    structured content parts (`{"type": "image"}` -> `<image>`, `{"type": "text"}` -> its text), so TRL's
+    `SFTTrainer` treats the pair as a vision-language model (the processing class is a `ProcessorMixin`).
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tok = build_toy_tokenizer()
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": VLM_IMAGE_SIZE}, crop_size={"height": VLM_IMAGE_SIZE, "width": VLM_IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=VLM_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        image_token=IMAGE_TOKEN,
+        chat_template=VLM_CHAT_TEMPLATE,
+    )
+
+
+def tiny_llava(processor, hidden_size: int = 16, num_layers: int = 2, seed: int = 0, vision_hidden_size: int = 8):
+    """A randomly initialised `LlavaForConditionalGeneration`: a one-layer CLIP vision tower, a projector and a tiny
+    Llama text decoder (`hidden_size`, `num_layers`) over `processor`'s vocabulary (deterministic for a seed)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=VLM_IMAGE_SIZE,
+        patch_size=VLM_PATCH_SIZE,
+        projection_dim=vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=processor.image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config)

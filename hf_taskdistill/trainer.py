@@ -307,19 +307,28 @@ class _FeatureDistillMixin:
             )
         k = args.selection_num_units or s_cfg.hidden_size
         batches = self._scoring_batches()
-        return select_task_units(
-            teacher,
-            batches,
-            num_units=k,
-            layer_pairs=pairs,
-            method=args.selection_method,
-            order=args.selection_order,
-            seed=args.selection_seed,
-            student_hidden_size=s_cfg.hidden_size,
-            teacher_id=references["teacher"]["model_id"],
-            teacher_revision=references["teacher"]["revision"],
-            show_progress=not args.disable_tqdm,
-        )
+        try:
+            return select_task_units(
+                teacher,
+                batches,
+                num_units=k,
+                layer_pairs=pairs,
+                method=args.selection_method,
+                order=args.selection_order,
+                seed=args.selection_seed,
+                student_hidden_size=s_cfg.hidden_size,
+                teacher_id=references["teacher"]["model_id"],
+                teacher_revision=references["teacher"]["revision"],
+                show_progress=not args.disable_tqdm,
+            )
+        except ValueError as e:
+            if "Image features and image tokens do not match" in str(e) and args.max_length is not None:
+                raise ValueError(
+                    f"Unit selection: max_length={args.max_length} is too short: truncation cuts image placeholder "
+                    "tokens out of input_ids while the image features remain. Raise max_length or set it to None "
+                    "(TRL's SFTTrainer raises the same at its first training step)."
+                ) from e
+            raise
 
     @staticmethod
     def _pruning_record(student) -> dict | None:

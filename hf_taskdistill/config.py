@@ -197,6 +197,16 @@ class TaskFeatureDistillConfig(GKDConfig):
         if self.logit_loss not in (None, "jsd", "none"):
             raise ValueError(f"logit_loss must be 'jsd', 'none' or None, got {self.logit_loss!r}.")
         self.feature_layers = parse_layer_pairs(self.feature_layers)
+        if self.feature_projector:
+            # The projector runs in compute_loss, outside the student's forward: DDP's unused-parameter search would
+            # mark it ready after the forward and again when its gradient arrives. Every student parameter gets a
+            # gradient from either host's loss, so the search is not needed.
+            if self.ddp_find_unused_parameters:
+                raise ValueError(
+                    "feature_projector=True needs ddp_find_unused_parameters=False: the projector runs outside the "
+                    "student's forward, so DDP's unused-parameter search would mark it ready twice."
+                )
+            self.ddp_find_unused_parameters = False
         if self.teacher_cache and (self.lmbda > 0 or self.seq_kd):
             raise ValueError(
                 f"teacher_cache is off-policy only, but lmbda={self.lmbda} and seq_kd={self.seq_kd}: on-policy steps "

@@ -63,6 +63,22 @@ def model_reference(name_or_path: Any, revision: str | None = None) -> dict[str,
     return {"model_id": None, "revision": None, "local_name": local_label(name)}
 
 
+def cached_revision(model_id: str, revision: str | None = None) -> str | None:
+    """The commit sha a Hub id (at `revision`, default `main`) resolved to when it was last downloaded, read from the
+    local Hugging Face cache (`refs/<revision>`); `None` when it is not cached. No network."""
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+
+        folder = os.path.join(constants.HF_HUB_CACHE, "models--" + model_id.replace("/", "--"))
+        with open(os.path.join(folder, "refs", revision or "main")) as f:
+            sha = f.read().strip()
+    except (OSError, ImportError):
+        return None
+    return sha if re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
 def reference_text(reference: dict[str, Any] | None) -> str | None:
     """A short human label: the Hub id (with `@revision`), or `<name> (local)`; `None` when nothing is recorded."""
     reference = reference or {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from trl.models.utils import _ForwardRedirection
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap, resolve_layer_index
 from .losses import feature_loss, valid_positions
-from .provenance import FLEX_KD_PAPER, is_hub_id, model_reference
+from .provenance import FLEX_KD_PAPER, cached_revision, is_hub_id, model_reference
 from .scoring import model_inputs, select_task_units
 from .selection import LayerSelection, UnitSelection, load_unit_selection
 
@@ -31,7 +32,11 @@ from .selection import LayerSelection, UnitSelection, load_unit_selection
 logger = logging.getLogger(__name__)
 
 PROJECTOR_ATTR = "fd_proj"
-PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Trainer.push_to_hub
+PROJECTOR_FILE = "_feature_projector.safetensors"
+REPORT_FILES = (
+    "selection_report.json",
+    "selection_report.png",
+)  # written by `hf-taskdistill select --report`  # leading "_": skipped by Trainer.push_to_hub
 
 
 def _text_config(model_or_path: Any, init_kwargs: dict | None = None, who: str = "model"):
@@ -158,8 +163,18 @@ class _FeatureDistillMixin:
             return prepare_fsdp(teacher.to(self.accelerator.device), self.accelerator)
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
+    def _warn_engine(self) -> None:
+        # accelerate enables FSDP only on accelerator devices: an FSDP config launched on CPU processes runs DDP.
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            logger.warning(
+                "Launched with an FSDP config, but accelerate runs %s: it enables FSDP only on accelerator devices "
+                "(GPU, XPU, ...), not on CPU processes.",
+                self.accelerator.distributed_type,
+            )
+
     def _setup_feature_distillation(self, teacher: nn.Module, unit_selection: Any, references: dict) -> None:
         args: TaskFeatureDistillConfig = self.args
+        self._warn_engine()
         self._fd_teacher = teacher
         self._fd_cache = None
         teacher.requires_grad_(False)
@@ -193,8 +208,9 @@ class _FeatureDistillMixin:
         # A Hub id's revision is known once the model is loaded (the parent loads models given as strings).
         for who, model in (("student", student), ("teacher", self._fd_teacher)):
             ref = references[who]
-            if ref.get("model_id") and not ref.get("revision") and model is not None:
-                ref["revision"] = getattr(model.config, "_commit_hash", None)
+            if ref.get("model_id") and not ref.get("revision"):
+                loaded = getattr(model.config, "_commit_hash", None) if model is not None else None
+                ref["revision"] = loaded or cached_revision(ref["model_id"])
         selection.teacher = _sanitized_reference(selection.teacher) or references["teacher"]
         if selection.teacher.get("model_id") == references["teacher"].get("model_id") and not selection.teacher.get(
             "revision"
@@ -229,6 +245,7 @@ class _FeatureDistillMixin:
         from .cache import open_teacher_cache
 
         args: TaskFeatureDistillConfig = self.args
+        self._warn_engine()
         self._fd_teacher = self._teacher_tap = None
         self._fd_active = args.feature_loss_weight > 0
         self.unit_selection = None
@@ -291,6 +308,10 @@ class _FeatureDistillMixin:
             logger.info("The student was pruned from the teacher: reusing its residual units (no scoring).")
         if unit_selection is not None:
             selection = load_unit_selection(unit_selection)
+            if isinstance(unit_selection, (str, os.PathLike)) and os.path.exists(unit_selection):
+                # where the selection report (`hf-taskdistill select --report`) lives, copied into every save
+                path = os.fspath(unit_selection)
+                self._fd_selection_dir = path if os.path.isdir(path) else os.path.dirname(path)
             if args.feature_layers == "all" and selection.init:
                 # The residual stream is shared by every layer: the same units match at every kept layer.
                 selection.layers = [LayerSelection(s, t, list(selection.init["residual_indices"])) for s, t in pairs]
@@ -594,17 +615,33 @@ class _FeatureDistillMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.unit_selection is not None:
             self.unit_selection.attach_to(self.model)  # config.json carries the selection
+        save_here = self.args.should_save and self.unit_selection is not None
+        # Before super()._save: save_pretrained drops the projector's (ignored) keys from `state_dict` in place.
+        projector_state = self._projector_state(state_dict) if save_here else None
         super()._save(output_dir, state_dict)
-        if not self.args.should_save or self.unit_selection is None:
+        if not save_here:
             return
         # The adapter directory of a PEFT student has no config.json: write the sidecar there too.
         self.unit_selection.save(output_dir, sidecar=hasattr(self.model, "get_base_model"))
-        projector = self._projector()
-        if projector is not None:
+        source = getattr(self, "_fd_selection_dir", None)
+        for name in REPORT_FILES if source and os.path.abspath(source) != os.path.abspath(output_dir) else ():
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(output_dir, name))
+        if projector_state is not None:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in projector.state_dict().items()}
-            save_file(state, os.path.join(output_dir, PROJECTOR_FILE))
+            save_file(projector_state, os.path.join(output_dir, PROJECTOR_FILE))
+
+    def _projector_state(self, state_dict: dict | None) -> dict | None:
+        """The projector's full weights on the CPU: from the gathered `state_dict` that `Trainer.save_model` passes
+        under FSDP / DeepSpeed ZeRO-3 (where the module's own parameters are shards), else from the module. Only the
+        saving rank runs `_save`, so no collective may happen here."""
+        projector = self._projector()
+        if projector is None:
+            return None
+        marker = f"{PROJECTOR_ATTR}."
+        state = {k.split(marker, 1)[1]: v for k, v in (state_dict or {}).items() if marker in k}
+        return {k: v.detach().cpu().contiguous() for k, v in (state or projector.state_dict()).items()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -612,8 +649,15 @@ class _FeatureDistillMixin:
         path = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
         if projector is not None and os.path.isfile(path):
             from safetensors.torch import load_file
+            from torch.distributed.tensor import DTensor, distribute_tensor
 
-            projector.load_state_dict(load_file(path, device=str(next(projector.parameters()).device)))
+            state = load_file(path)
+            with torch.no_grad():
+                for name, param in projector.named_parameters():
+                    value = state[name].to(device=param.device, dtype=param.dtype)
+                    if isinstance(param, DTensor):  # an FSDP2 shard: keep this rank's part of the full weight
+                        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                    param.copy_(value)
 
     # ----- model card and Hub (implementation in model_card.py / hub.py) -----
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):

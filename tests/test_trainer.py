@@ -336,6 +336,7 @@ def test_reused_selection_keeps_scores_and_records_provenance(student, teacher, 
     hyper = stored.training["hyperparameters"]
     assert hyper["learning_rate"] == 1e-2 and hyper["max_steps"] == 1 and hyper["per_device_train_batch_size"] == 4
 
+    (tmp_path / "first" / "selection_report.json").write_text('{"format_version": 1}')  # as `select --report`
     fresh = tiny_llama(len(tokenizer), hidden_size=16, num_layers=2, seed=3)
     args = make_config(tmp_path / "b", max_steps=1, selection_path=str(tmp_path / "first"))
     second = FeatureDistillTrainer(model=fresh, teacher_model=teacher, args=args, train_dataset=messages_dataset,
@@ -343,6 +344,7 @@ def test_reused_selection_keeps_scores_and_records_provenance(student, teacher, 
     second.save_model(str(tmp_path / "second"))
     again = load_unit_selection(str(tmp_path / "second"))
     assert torch.equal(again.full_scores[0], stored.full_scores[0])  # the card's plot survives the reuse
+    assert (tmp_path / "second" / "selection_report.json").read_text() == '{"format_version": 1}'  # and the report
     assert again.layers[0].indices == stored.layers[0].indices
 
 

@@ -15,7 +15,16 @@ import yaml
 RECIPES = pathlib.Path(__file__).resolve().parents[1] / "recipes"
 ACCELERATE_CONFIGS = RECIPES / "accelerate_configs"
 TRAIN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if ACCELERATE_CONFIGS not in p.parents)
-EXPECTED_DISTRIBUTED_TYPE = {"single_gpu": "NO", "ddp": "MULTI_GPU", "zero3": "DEEPSPEED", "fsdp": "FSDP"}
+EXPECTED_DISTRIBUTED_TYPE = {
+    "single_gpu": "NO",
+    "ddp": "MULTI_GPU",
+    "zero3": "DEEPSPEED",
+    "fsdp": "FSDP",
+    "fsdp_cpu": "FSDP",
+}
+# CPU twins (executed by the multi-process tests) and the only keys they may change in their GPU config.
+CPU_TWINS = {"fsdp_cpu": "fsdp"}
+CPU_ONLY_KEYS = {"mixed_precision", "num_processes", "use_cpu"}
 TASK_OF_FOLDER = {"dolly": "instruction", "dialogsum": "summarization"}
 
 
@@ -138,11 +147,23 @@ def test_accelerate_config_loads(name):
     assert raw["distributed_type"] == EXPECTED_DISTRIBUTED_TYPE[name]
     config = load_config_from_file(str(path))  # accelerate's own loader: rejects unknown keys
     assert config.distributed_type.value == EXPECTED_DISTRIBUTED_TYPE[name]
-    assert config.mixed_precision == "bf16" and config.num_machines == 1
+    assert config.num_machines == 1
+    if name in CPU_TWINS:
+        assert config.mixed_precision == "no" and config.use_cpu and config.num_processes == 2
+    else:
+        assert config.mixed_precision == "bf16"
     if name == "zero3":
         assert config.deepspeed_config["zero_stage"] == 3
-    if name == "fsdp":
+    if name in ("fsdp", "fsdp_cpu"):
         assert config.fsdp_config["fsdp_version"] == 2
     assert re.search(
         r"accelerate launch --config_file recipes/accelerate_configs/\S+ -m hf_taskdistill\.cli", path.read_text()
     )
+
+
+@pytest.mark.parametrize("twin", sorted(CPU_TWINS))
+def test_cpu_twin_differs_only_where_cpu_requires(twin):
+    cpu = yaml.safe_load((ACCELERATE_CONFIGS / f"{twin}.yaml").read_text())
+    gpu = yaml.safe_load((ACCELERATE_CONFIGS / f"{CPU_TWINS[twin]}.yaml").read_text())
+    assert set(cpu) == set(gpu)
+    assert {k for k in gpu if cpu[k] != gpu[k]} <= CPU_ONLY_KEYS

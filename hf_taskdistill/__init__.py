@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 # Public names and the module each lives in. Imported on first use (PEP 562), so `hf-taskdistill --help` or
 # `import hf_taskdistill.losses` does not pay for importing TRL.
 _EXPORTS = {
+    "TeacherCache": "cache",
+    "build_teacher_cache": "cache",
+    "open_teacher_cache": "cache",
+    "prune_teacher": "pruning",
     "FeatureDistillSFTTrainer": "trainer",
     "FeatureDistillTrainer": "trainer",
     "LayerSelection": "selection",
@@ -26,7 +30,9 @@ _EXPORTS = {
 }
 
 if _TYPE_CHECKING:  # pragma: no cover
+    from .cache import TeacherCache, build_teacher_cache, open_teacher_cache
     from .config import TaskFeatureDistillConfig
+    from .pruning import prune_teacher
     from .losses import feature_distillation_loss, feature_loss
     from .scoring import select_task_units
     from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection
@@ -53,6 +59,10 @@ except Exception:  # pragma: no cover - running from a source tree without insta
     __version__ = "0.0.0"
 
 __all__ = [
+    "TeacherCache",
+    "build_teacher_cache",
+    "open_teacher_cache",
+    "prune_teacher",
     "FeatureDistillSFTTrainer",
     "FeatureDistillTrainer",
     "LayerSelection",

@@ -281,6 +281,8 @@ class _FeatureDistillMixin:
         cache.check_compatible(selection=selection)
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         s_cfg = student.config.get_text_config()
+        for ls in selection.layers:
+            resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
         self._reconcile_stored(selection, selection_pairs(selection), s_cfg, None, references)
         if args.feature_layers is not None:
             # No teacher config here to resolve negative teacher indices: compare what can be compared.

@@ -32,8 +32,8 @@ _EXPORTS = {
 if _TYPE_CHECKING:  # pragma: no cover
     from .cache import TeacherCache, build_teacher_cache, open_teacher_cache
     from .config import TaskFeatureDistillConfig
-    from .pruning import prune_teacher
     from .losses import feature_distillation_loss, feature_loss
+    from .pruning import prune_teacher
     from .scoring import select_task_units
     from .selection import LayerSelection, SelectionFormatError, UnitSelection, load_unit_selection
     from .trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
@@ -59,18 +59,18 @@ except Exception:  # pragma: no cover - running from a source tree without insta
     __version__ = "0.0.0"
 
 __all__ = [
-    "TeacherCache",
-    "build_teacher_cache",
-    "open_teacher_cache",
-    "prune_teacher",
     "FeatureDistillSFTTrainer",
     "FeatureDistillTrainer",
     "LayerSelection",
     "SelectionFormatError",
     "TaskFeatureDistillConfig",
+    "TeacherCache",
     "UnitSelection",
+    "build_teacher_cache",
     "feature_distillation_loss",
     "feature_loss",
     "load_unit_selection",
+    "open_teacher_cache",
+    "prune_teacher",
     "select_task_units",
 ]

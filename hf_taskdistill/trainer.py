@@ -598,7 +598,12 @@ class _FeatureDistillMixin:
                   if torch.is_tensor(v)]  # fmt: skip
         if queued:
             device = queued[0][0][queued[0][1]].device
-            floats = torch.stack([values[i].detach().float().reshape(()).to(device) for values, i in queued]).tolist()
+            stacked = torch.stack([values[i].detach().float().reshape(()).to(device) for values, i in queued])
+            if self.accelerator.num_processes > 1:
+                # Each rank queued its own micro-batches (in lockstep): log the mean over ranks, as TRL gathers its
+                # own metrics, instead of rank 0's values alone.
+                stacked = self.accelerator.reduce(stacked, reduction="mean")
+            floats = stacked.tolist()
             for (values, i), value in zip(queued, floats, strict=True):
                 values[i] = value
         if mode == "eval":

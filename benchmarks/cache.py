@@ -18,10 +18,20 @@ Measured with the real SmolLM2-135M-Instruct teacher on Dolly rows (CPU, one thr
    lmbda = 0) against plain `SFTTrainer` with no teacher (targets <= 1.10x time, <= 1.05x memory) and against the
    online GKD host, interleaved (`harness.py`).
 
+6. `--train_nll` (its own mode, `train_nll.{json,md}`): dev NLL after a short training run from each logit term. A
+   fresh narrow student (seeded, the same initial weights every run) is trained `--nll_steps` steps with the GKD host
+   (`FeatureDistillTrainer`, beta = 0, lmbda = 0, feature_loss_weight = 0, so only the logit term differs) from the
+   online teacher (full vocabulary), from a K = 64 cache and from a K = 16 cache (each built on its own: the top 16
+   of a top-64 cache are the top 16, but its tail bucket holds ranks 17-64 too, so truncating it is not the K = 16
+   term); same seed, same examples in the same (checked) order. Then teacher-forced NLL per completion token on
+   `--nll_dev` Dolly dev rows, paired differences with a bootstrap interval over the dev examples.
+
     python benchmarks/cache.py --quick         # toy models, a few seconds: checks the script runs
     nice -n 10 python benchmarks/cache.py      # SmolLM2-135M on CPU, one thread (~20 min on 2 shared cores)
     python benchmarks/cache.py --parts build --rounds 5   # rerun some parts; the others are kept in cpu.json
     python benchmarks/cache.py --from_json benchmarks/results/cache/cpu.json   # rewrite the .md only
+    nice -n 10 python benchmarks/cache.py --train_nll     # part 6 (~15 min on one shared core)
+    python benchmarks/cache.py --train_nll --quick        # toy models: checks part 6 runs
 
 On a shared machine compare the CPU-time ratios (process time): wall time includes the waits for the other jobs.
 """
@@ -46,14 +56,7 @@ sys.path.insert(0, ROOT)
 import harness  # noqa: E402
 
 
-STUDENT = {
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-}  # fmt: skip  (recipes/dolly/smollm2-135m-to-llama-256)
+STUDENT = harness.narrow_overrides(256, 4)  # recipes/dolly/smollm2-135m-to-llama-256: hidden 256, 4 layers, MLP 768
 BYTES_GRID = {"top_k": (16, 64, 256, 0), "k": (256, 576), "dtype": ("bfloat16", "float16", "float32")}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -75,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train_rounds", type=int, default=5)
     p.add_argument("--parts", nargs="+", default=["build", "bytes", "read", "gap", "train"],
                    choices=["build", "bytes", "read", "gap", "train"])  # fmt: skip
+    g = p.add_argument_group("--train_nll: dev NLL after a short training run from each logit term")
+    g.add_argument("--train_nll", action="store_true", help="run this part alone (writes train_nll.json / .md)")
+    g.add_argument("--nll_steps", type=int, default=40)
+    g.add_argument("--nll_batch_size", type=int, default=4)
+    g.add_argument("--nll_max_length", type=int, default=128)
+    g.add_argument("--nll_lr", type=float, default=5e-4, help="the Dolly recipes' learning rate (linear decay)")
+    g.add_argument("--nll_dev", type=int, default=100, help="Dolly dev rows of the teacher-forced NLL")
+    g.add_argument("--nll_top_k", type=int, nargs="+", default=None, help="default: 64 16 (--quick: 16 4)")
+    g.add_argument("--nll_dtype", default="float32", choices=list(DTYPE_BYTES),
+                   help="storage of the top-K log-probs (fp32: only the top-K truncation differs from online)")  # fmt: skip
+    g.add_argument("--nll_no_teacher_ref", action="store_true", help="skip the teacher's own dev NLL (a reference)")
     p.add_argument("--output_dir", default=None, help="default: benchmarks/results/cache (quick: a temp dir)")
     p.add_argument("--from_json", default=None, help="only rewrite the Markdown report from a results JSON")
     return p
@@ -134,14 +148,15 @@ class Bench:
     def unit_counts(self) -> tuple[int, ...]:
         return (16, 64) if self.args.quick else BYTES_GRID["k"]
 
-    def build(self, data, top_k=None, k=None, dtype="bfloat16", path=None):
+    def build(self, data, top_k=None, k=None, dtype="bfloat16", path=None, units=True):
+        """A cache of `data`: top-K log-probs + tail and (`units`) k selected units of the last layer."""
         from hf_taskdistill.cache import build_teacher_cache
 
         top_k = (8 if self.args.quick else 64) if top_k is None else top_k
         k = k or self.unit_counts()[0]
         path = path or tempfile.mkdtemp(dir=self.tmp)
         return build_teacher_cache(self.teacher, data, self.collator, path, tokenizer=self.tokenizer,
-                                   selection=self.selection[k], top_k=top_k, dtype=dtype,
+                                   selection=self.selection[k] if units else None, top_k=top_k, dtype=dtype,
                                    batch_size=self.args.batch_size, teacher_name_or_path=self.teacher_name,
                                    template="chat", show_progress=False)  # fmt: skip
 
@@ -354,21 +369,6 @@ def _training_args(bench: Bench, name: str, **overrides):
                                        **overrides})  # fmt: skip
 
 
-def _persistent_bytes(*objects) -> int:
-    import torch
-
-    ptrs = {}
-    for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            tensors = list(obj.parameters()) + list(obj.buffers()) + [p.grad for p in obj.parameters()]
-        else:  # optimizer
-            tensors = [v for state in obj.state.values() for v in state.values()]
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                ptrs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(ptrs.values())
-
-
 def part_train(bench: Bench) -> dict:
     """Step time and memory of training from the cache against plain SFT (no teacher) and the online GKD host."""
     import copy
@@ -429,7 +429,7 @@ def part_train(bench: Bench) -> dict:
         with harness.TensorPeak() as peak:
             step(name)
         teacher = getattr(trainer, "teacher_model", None)
-        persistent = _persistent_bytes(trainer.model, trainer.optimizer, *([teacher] if teacher is not None else []))
+        persistent = harness.tensor_bytes(trainer.model, trainer.optimizer, teacher, grads=True)
         memory[name] = {"transient_peak_mib": round(peak.peak / 2**20, 1),
                         "persistent_mib": round(persistent / 2**20, 1),
                         "total_mib": round((peak.peak + persistent) / 2**20, 1)}  # fmt: skip
@@ -441,6 +441,209 @@ def part_train(bench: Bench) -> dict:
             "targets": {"time": 1.10, "memory": 1.05},
             "memory_note": "student (+ teacher) parameters, gradients and AdamW state, plus the peak of tensors "
                            "allocated during one step (TensorPeak)"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --train_nll: dev NLL after a short training run from each logit term
+# ----------------------------------------------------------------------------------------------------------------
+class _OrderRecorder:
+    """Wraps a trainer's collator and records the token hash of every example of every batch it makes (the check
+    that each run sees the same examples in the same order)."""
+
+    def __init__(self, collator):
+        self.collator, self.hashes = collator, []
+
+    def __call__(self, examples):
+        from hf_taskdistill.cache import token_hash
+
+        batch = self.collator(examples)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        self.hashes.append([token_hash(ids[i][mask[i].bool()]) for i in range(ids.shape[0])])
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
+
+
+def _nll_data(bench: Bench):
+    """(train rows, dev rows) for --train_nll: seeded Dolly subsets fitted to the window (toy rows with --quick)."""
+    from datasets import Dataset
+
+    from hf_taskdistill.data import fit_to_max_length, load_task_dataset
+
+    args = bench.args
+    n_train = args.nll_steps * args.nll_batch_size
+    if args.quick:
+        from hf_taskdistill.toy import make_toy_examples, to_messages
+
+        rows = [to_messages(r) for r in make_toy_examples(n_train + args.nll_dev, seed=3)]
+        return Dataset.from_list(rows[:n_train]), Dataset.from_list(rows[n_train:])
+    train = load_task_dataset(args.data, format="messages", max_samples=n_train + 64, seed=1)
+    train = fit_to_max_length(train, bench.tokenizer, args.max_length)
+    dev_path = os.path.join(os.path.dirname(args.data), "dev.jsonl")
+    dev = load_task_dataset(dev_path, format="messages", max_samples=args.nll_dev + 32, seed=0)
+    dev = fit_to_max_length(dev, bench.tokenizer, args.max_length, name="dev")
+    if len(train) < n_train or len(dev) < args.nll_dev:
+        raise SystemExit(f"only {len(train)} train / {len(dev)} dev rows fit max_length={args.max_length}")
+    return train.select(range(n_train)), dev.select(range(args.nll_dev))
+
+
+def part_train_nll(bench: Bench) -> dict:
+    """Train the same fresh student from the online teacher and from each top-K cache; dev NLL of each."""
+    import torch
+
+    from hf_taskdistill import FeatureDistillTrainer, TaskFeatureDistillConfig
+
+    args = bench.args
+    train, dev = _nll_data(bench)
+    ks = sorted(args.nll_top_k or ([16, 4] if args.quick else [64, 16]), reverse=True)
+    dev_batches = harness.length_batches(dev, bench.collator, args.nll_batch_size)
+    results = {"train_examples": len(train), "dev_examples": len(dev), "runs": {}, "builds": {}}
+    caches = {}
+    for k in ks:
+        t0 = time.perf_counter()
+        path = os.path.join(bench.tmp, f"nll_k{k}")
+        cache = bench.build(train, top_k=k, dtype=args.nll_dtype, path=path, units=False)
+        caches[k] = path
+        results["builds"][f"K={k}"] = {"seconds": round(time.perf_counter() - t0, 1),
+                                       "bytes_per_token": round(cache.bytes_per_token(), 1),
+                                       "completion_tokens": cache.header["num_tokens"]}  # fmt: skip
+        harness.log(f"  cache K={k} ({args.nll_dtype}): {results['builds'][f'K={k}']}")
+    results["train_completion_tokens"] = results["builds"][f"K={ks[0]}"]["completion_tokens"]
+
+    def evaluate(name, model, **extra):
+        t0 = time.perf_counter()
+        dev_out = harness.teacher_forced(model, dev_batches, len(dev))
+        entry = {"dev": dev_out, "dev_nll": round(harness.per_token(dev_out["nll"], dev_out["tokens"]), 5),
+                 "dev_accuracy": round(100 * harness.per_token(dev_out["correct"], dev_out["tokens"]), 3),
+                 "eval_seconds": round(time.perf_counter() - t0, 1), **extra}  # fmt: skip
+        results["runs"][name] = entry
+        harness.log(f"  {name}: dev NLL {entry['dev_nll']:.4f}, token accuracy {entry['dev_accuracy']:.2f}%")
+
+    def checksum(model) -> float:
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+    init = bench.student()
+    init_sum = checksum(init)
+    c = init.config
+    n_params = sum(p.numel() for p in init.parameters()) / 1e6
+    results["student"] = (
+        f"fresh narrow Llama from the teacher's config (hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+        f"intermediate {c.intermediate_size}, {n_params:.1f}M parameters, seeded: the same initial weights in "
+        "every run)"
+    )
+    results["top_k"] = ks
+    evaluate("untrained student", init)
+    arms = {"online teacher (full vocabulary)": None, **{f"cache K={k}": caches[k] for k in ks}}
+    orders = {}
+    for name, cache_dir in arms.items():
+        student = bench.student()
+        if checksum(student) != init_sum:
+            raise RuntimeError("the student's initial weights differ between runs")
+        cfg = TaskFeatureDistillConfig(
+            output_dir=os.path.join(bench.tmp, "nll_" + name.split()[0]),
+            per_device_train_batch_size=args.nll_batch_size,
+            max_length=args.max_length, learning_rate=args.nll_lr, max_steps=args.nll_steps, beta=0.0, lmbda=0.0,
+            feature_loss_weight=0.0, teacher_cache=cache_dir, report_to="none", use_cpu=True, bf16=False,
+            activation_checkpointing=False, save_strategy="no", disable_tqdm=True, logging_steps=10, seed=0,
+            dataloader_num_workers=0,
+        )  # fmt: skip
+        trainer = FeatureDistillTrainer(model=student, teacher_model=bench.teacher if cache_dir is None else None,
+                                        args=cfg, train_dataset=train, processing_class=bench.tokenizer)  # fmt: skip
+        recorder = _OrderRecorder(trainer.data_collator)
+        trainer.data_collator = recorder
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        orders[name] = recorder.hashes
+        losses = [(h["step"], round(h["loss"], 4)) for h in trainer.state.log_history if "loss" in h]
+        harness.log(f"  {name}: {args.nll_steps} steps in {seconds:.0f} s, logged train loss {losses}")
+        evaluate(name, trainer.model, train_seconds=round(seconds, 1), train_loss=losses)
+        del trainer, student
+    first = next(iter(orders.values()))
+    results["same_order"] = all(o == first for o in orders.values())
+    if not results["same_order"]:
+        raise RuntimeError("the runs saw different batches: the comparison is not paired")
+    results["steps_seen"] = len(first)
+    if not args.nll_no_teacher_ref:
+        evaluate("teacher (reference)", bench.teacher)
+    runs, tokens = results["runs"], results["runs"]["untrained student"]["dev"]["tokens"]
+    online = "online teacher (full vocabulary)"
+    pairs = [(f"cache K={k}", online) for k in ks] + [(f"cache K={ks[-1]}", f"cache K={ks[0]}")]
+    results["paired"] = [{"x": x, "y": y, **harness.paired_difference(runs[x]["dev"]["nll"], runs[y]["dev"]["nll"],
+                                                                       tokens)} for x, y in pairs]  # fmt: skip
+    start, end = runs["untrained student"]["dev_nll"], runs[online]["dev_nll"]
+    for row in results["paired"]:
+        row["share_of_online_gain"] = round(row["diff"] / (start - end), 5) if start != end else None
+        harness.log(f"  {row['x']} - {row['y']}: {row['diff']:+.4f} nats/token (95% CI {row['ci95'][0]:+.4f} to "
+                    f"{row['ci95'][1]:+.4f})")  # fmt: skip
+    results["dev_tokens"] = int(sum(tokens))
+    return results
+
+
+def _run_order(name: str) -> tuple:  # (a sort key: untrained, online, caches by K descending, teacher)
+    if name.startswith("cache K="):
+        return (2, -int(name.split("=")[1]))
+    return ({"untrained student": 0, "online teacher (full vocabulary)": 1}.get(name, 3), 0)
+
+
+def markdown_train_nll(results: dict) -> str:
+    """The Markdown report of --train_nll."""
+    r, a = results["train_nll"], results["args"]
+    head = (
+        f"Hardware: {results['hardware']}. Teacher: {results['teacher']}; data: {results['data']}. "
+        f"Wall {results['seconds']:.0f} s."
+    )
+    ks = ", ".join(str(k) for k in r["top_k"])
+    setup = (
+        f"Student: {r['student']}, GKD host (`FeatureDistillTrainer`), beta = 0 (forward KL), lmbda = 0, "
+        f"feature_loss_weight = 0: only the logit term differs. {a['nll_steps']} steps x batch "
+        f"{a['nll_batch_size']} ({r['train_examples']} train rows, {r['train_completion_tokens']} completion "
+        f"tokens, one epoch, the same order in every run: checked), max_length {a['max_length']}, lr {a['nll_lr']} "
+        f"(linear decay), seed 0. Caches: K = {ks}, each built on its own, top-K log-probs in {a['nll_dtype']}, fp32 "
+        f"tail. Dev: teacher-forced NLL per completion token on {r['dev_examples']} dev rows "
+        f"({r['dev_tokens']} tokens)."
+    )
+    ordered = sorted(r["runs"].items(), key=lambda item: _run_order(item[0]))
+    runs = [[name, f"{e['dev_nll']:.4f}", f"{e['dev_accuracy']:.2f}", e.get("train_seconds", "-"),
+             ", ".join(f"{s}: {v}" for s, v in e.get("train_loss", [])) or "-"] for name, e in ordered]  # fmt: skip
+    paired = [[f"{p['x']} - {p['y']}", f"{p['diff']:+.4f}", f"{p['ci95'][0]:+.4f} to {p['ci95'][1]:+.4f}",
+               "-" if p["share_of_online_gain"] is None else f"{100 * p['share_of_online_gain']:.2f}%"]
+              for p in r["paired"]]  # fmt: skip
+    builds = "; ".join(f"{k}: {v['seconds']} s, {v['bytes_per_token']} B/token" for k, v in r["builds"].items())
+    note = (
+        "Paired over the dev examples (x - y, nats per token; bootstrap 95% interval over examples; share = the "
+        "difference over the online run's gain on the untrained student):"
+    )
+    lines = [
+        "# Teacher cache: dev NLL after a short training run from each logit term",
+        "",
+        head,
+        "",
+        setup,
+        "",
+        *harness.md_table(["run", "dev NLL / token", "token accuracy %", "train s", "logged train loss"], runs),
+        "",
+        note,
+        "",
+        *harness.md_table(["x - y", "difference", "95% CI", "share of the online gain"], paired),
+        "",
+        (
+            f"Cache builds (logits only): {builds}. Train loss values (step: loss) are each run's own logit term "
+            "(the top-K + tail term is smaller than the full one), not comparable across runs."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _section(title: str, note: str, *tables: tuple[list[str], list[list]]) -> list[str]:
+    """`## title`, a note, then each (header, rows) table, each block followed by a blank line."""
+    lines = [f"## {title}", "", note, ""]
+    for header, rows in tables:
+        lines += [*harness.md_table(header, rows), ""]
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -455,43 +658,21 @@ def markdown(results: dict) -> str:
             f"{b['examples']} examples, {b['tokens']} tokens ({b['completion_tokens']} completion), K = "
             f"{c['top_k']}, k = {c['k']}, {c['dtype']}, batch {c['batch_size']}, {r['rounds']} interleaved rounds."
         )
-        row = (
-            f"| {r['wall']:.3f} ({r['wall_ci95'][0]:.3f}-{r['wall_ci95'][1]:.3f}) | {r['wall_ratio_of_min']:.3f} "
-            f"| {r['cpu']:.3f} | <= {b['target']} {verdict} |"
-        )
+        row = [f"{r['wall']:.3f} ({r['wall_ci95'][0]:.3f}-{r['wall_ci95'][1]:.3f})", f"{r['wall_ratio_of_min']:.3f}",
+               f"{r['cpu']:.3f}", f"<= {b['target']} {verdict}"]  # fmt: skip
         extra = (
             f"Teacher forward: {b['forward_tokens_per_second']:.0f} tokens/s. Opening the cache: "
             f"{b['open_seconds']:.3f} s; validating a dataset against it: "
             f"{1000 * b['validate_seconds_per_example']:.2f} ms per example (collate + hash)."
         )
-        lines += [
-            "## Build vs one teacher forward",
-            "",
-            setup,
-            "",
-            "| build / forward, median wall (95% CI) | ratio of minima | median CPU | target (CPU time) |",
-            "|---|---|---|---|",
-            row,
-            "",
-            extra,
-            "",
-        ]
+        header = ["build / forward, median wall (95% CI)", "ratio of minima", "median CPU", "target (CPU time)"]
+        lines += [*_section("Build vs one teacher forward", setup, (header, [row])), extra, ""]
     by = results.get("bytes")
     if by:
         note = f"ids: {by['id_bytes']} bytes (uint16 when the vocabulary fits); tail: fp32; K = 0: units only."
-        lines += [
-            "## Bytes per completion token (shard files)",
-            "",
-            note,
-            "",
-            "| K | k | dtype | measured B/token | formula K(id+dtype)+4+k*dtype |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['top_k']} | {r['k']} | {r['dtype']} | {r['bytes_per_token']:.1f} | {r['formula']} |"
-            for r in by["rows"]
-        ]
-        lines.append("")
+        header = ["K", "k", "dtype", "measured B/token", "formula K(id+dtype)+4+k*dtype"]
+        rows = [[r["top_k"], r["k"], r["dtype"], f"{r['bytes_per_token']:.1f}", r["formula"]] for r in by["rows"]]
+        lines += _section("Bytes per completion token (shard files)", note, (header, rows))
     rd = results.get("read")
     if rd:
         text = (
@@ -501,52 +682,31 @@ def markdown(results: dict) -> str:
             f"{1000 * rd['collate_seconds']:.2f} ms; student step {rd['student_step_seconds']:.3f} s; "
             f"lookup / step = {100 * rd['lookup_over_step']:.3f}%."
         )
-        lines += ["## Reading a batch vs a student step", "", text, ""]
+        lines += _section("Reading a batch vs a student step", text)
     gp = results.get("gap")
     if gp:
         note = f"Per completion token, from the cache ({gp['storage']}) against the online teacher's full logits."
-        lines += [
-            "## Logit term: top-K + tail vs full vocabulary",
-            "",
-            note,
-            "",
-            "| student | K | beta | mean abs diff | mean full JSD | relative | grad cosine |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['student']} | {r['top_k']} | {r['beta']} | {r['mean_abs_diff']:.4f} | {r['mean_full']:.3f} "
-            f"| {100 * r['relative']:.2f}% | {r['grad_cosine']:.4f} |"
-            for r in gp["rows"]
-        ]
-        lines.append("")
+        header = ["student", "K", "beta", "mean abs diff", "mean full JSD", "relative", "grad cosine"]
+        rows = [[r["student"], r["top_k"], r["beta"], f"{r['mean_abs_diff']:.4f}", f"{r['mean_full']:.3f}",
+                 f"{100 * r['relative']:.2f}%", f"{r['grad_cosine']:.4f}"] for r in gp["rows"]]  # fmt: skip
+        lines += _section("Logit term: top-K + tail vs full vocabulary", note, (header, rows))
     tr = results.get("train")
     if tr:
         note = (
             f"Batch of {tr['batch_size']}, lr 0, one step = `training_step` + AdamW step; memory = "
             f"{tr['memory_note']}."
         )
-        lines += [
-            "## Training from the cache",
-            "",
-            note,
-            "",
-            "| ratio | step time, median wall (95% CI) | median CPU | memory | targets vs plain SFT |",
-            "|---|---|---|---|---|",
-        ]
+        header = ["ratio", "step time, median wall (95% CI)", "median CPU", "memory", "targets vs plain SFT"]
+        targets = f"<= {tr['targets']['time']} time, <= {tr['targets']['memory']} memory"
+        rows = []
         for key, r in tr["ratios"].items():
             t = r["time"]
-            lines.append(
-                f"| {key} | {t['wall']:.3f} ({t['wall_ci95'][0]:.3f}-{t['wall_ci95'][1]:.3f}) | "
-                f"{t['cpu']:.3f} | {r['memory']:.3f} | <= {tr['targets']['time']} time, "
-                f"<= {tr['targets']['memory']} memory |"
-            )
-        lines += ["", "| configuration | transient peak MiB | persistent MiB | total MiB |", "|---|---|---|---|"]
-        lines += [
-            f"| {n} | {m['transient_peak_mib']} | {m['persistent_mib']} | {m['total_mib']} |"
-            for n, m in tr["memory"].items()
-        ]
-        lines.append("")
-    return "\n".join(lines)  # fmt: skip
+            wall = f"{t['wall']:.3f} ({t['wall_ci95'][0]:.3f}-{t['wall_ci95'][1]:.3f})"
+            rows.append([key, wall, f"{t['cpu']:.3f}", f"{r['memory']:.3f}", targets])
+        memory = [[n, m["transient_peak_mib"], m["persistent_mib"], m["total_mib"]] for n, m in tr["memory"].items()]
+        memory_header = ["configuration", "transient peak MiB", "persistent MiB", "total MiB"]
+        lines += _section("Training from the cache", note, (header, rows), (memory_header, memory))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -557,11 +717,15 @@ def main(argv=None) -> dict:
         with open(args.from_json) as f:
             results = json.load(f)
         with open(os.path.splitext(args.from_json)[0] + ".md", "w") as f:
-            f.write(markdown(results).rstrip() + "\n")
+            f.write((markdown_train_nll if "train_nll" in results else markdown)(results).rstrip() + "\n")
         return results
     if args.quick:
         args.num_examples, args.bytes_examples, args.rounds, args.read_rounds = 12, 4, 2, 2
         args.max_length, args.batch_size = 32, 4
+        if args.train_nll:
+            args.nll_steps, args.nll_batch_size, args.nll_dev, args.nll_max_length = 4, 2, 8, 32
+    if args.train_nll:
+        return main_train_nll(args)
     harness.benchmark_env(args.threads)
     t0 = time.perf_counter()
     bench = Bench(args)
@@ -599,6 +763,34 @@ def main(argv=None) -> dict:
     paths = harness.write_results(out, name, results, markdown(results))
     harness.log(f"results: {paths[0]}, {paths[1]}")
     print(markdown(results))
+    return results
+
+
+def main_train_nll(args) -> dict:
+    """--train_nll: one run of `part_train_nll`, written to `train_nll.json` / `train_nll.md`."""
+    args.max_length, args.batch_size = args.nll_max_length, args.nll_batch_size
+    args.num_examples = args.bytes_examples = min(args.num_examples, 8)
+    harness.benchmark_env(args.threads)
+    t0 = time.perf_counter()
+    results = {"args": vars(args), "loadavg_start": os.getloadavg()[0]}
+    bench = Bench(args)
+    results.update(
+        hardware=harness.hardware_line("cpu", args.threads),
+        teacher="toy" if args.quick else "SmolLM2-135M-Instruct (fp32)",
+        data="toy task" if args.quick else "Dolly train / dev, seeded subsets, fitted to max_length",
+    )
+    try:
+        results["train_nll"] = part_train_nll(bench)
+    finally:
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+    results["seconds"] = time.perf_counter() - t0
+    results["loadavg_end"] = os.getloadavg()[0]
+    out = args.output_dir or (os.path.join(tempfile.gettempdir(), "hf_td_cache_quick") if args.quick
+                              else os.path.join(HERE, "results", "cache"))  # fmt: skip
+    paths = harness.write_results(out, "train_nll_quick" if args.quick else "train_nll", results,
+                                  markdown_train_nll(results))  # fmt: skip
+    harness.log(f"results: {paths[0]}, {paths[1]}")
+    print(markdown_train_nll(results))
     return results
 
 

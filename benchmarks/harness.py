@@ -1,12 +1,18 @@
-"""Timing and memory harness shared by the benchmarks (`cache.py`; `speed_memory.py` holds the same helpers).
+"""Timing, memory and paired-quality harness shared by the benchmarks (`speed_memory.py`, `cache.py`).
 
 - `interleave(fns, rounds, reps, device)`: every configuration runs in every round, in a balanced order that changes
   each round (`round_order`), so drift of a shared machine cancels out of the ratios; `ratio_stats` turns the
   per-round times into median ratios with a bootstrap interval and the ratio of minima.
 - `TensorPeak`: peak bytes of tensors allocated inside a block (a `TorchDispatchMode`, deterministic, any device);
-  `reset_rss_peak` / `peak_rss_mib`: the process's peak resident memory on Linux (`VmHWM`).
+  `reset_rss_peak` / `peak_rss_mib` / `rss_mib`: the process's peak and current resident memory on Linux
+  (`VmHWM`, `VmRSS`); `tensor_bytes`: the bytes of the weights (gradients) and optimizer state alive in a process.
+- `narrow_config(config, hidden, layers)`: the fresh narrow student's config (`narrow_overrides`, the recipes' rule).
+- `length_batches` + `teacher_forced`: per-example completion NLL / token accuracy of a model on held-out rows;
+  `per_token` (ratio of totals) and `paired_difference` (x - y per token, bootstrap 95% interval over examples) compare
+  two runs on the same examples.
 - `hardware_line(device, threads)`: the line every result file names its hardware with.
-- `write_results(out_dir, name, results, markdown)`: `<name>.json` and `<name>.md` side by side.
+- `md_table(header, rows)`: a Markdown table's lines; `write_results(out_dir, name, results, markdown)`: `<name>.json`
+  and `<name>.md` side by side.
 
 Step-time / peak-memory ratios of a training configuration against a baseline (e.g. training from a teacher cache
 against plain `SFTTrainer`) are `interleave({"base": step_a, "new": step_b}, ...)` + `ratio_stats(times, "new",
@@ -121,6 +127,14 @@ def _proc_status_kib(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1))
 
 
+def rss_mib() -> float | None:
+    """The process's current resident memory (`VmRSS`) in MiB, or None off Linux."""
+    try:
+        return _proc_status_kib("VmRSS") / 1024
+    except (OSError, AttributeError):
+        return None
+
+
 def reset_rss_peak() -> bool:
     """Reset the process's peak RSS to its current RSS (Linux >= 4.0); False where unsupported."""
     try:
@@ -137,6 +151,25 @@ def peak_rss_mib() -> float | None:
         return _proc_status_kib("VmHWM") / 1024
     except (OSError, AttributeError):
         return None
+
+
+def tensor_bytes(*objects, grads: bool = False) -> int:
+    """Bytes of the distinct storages held by modules (parameters, buffers, and with `grads` their gradients) and
+    optimizers (their state tensors); `None` entries are skipped."""
+    import torch
+
+    ptrs = {}
+    for obj in objects:
+        if obj is None:
+            continue
+        if isinstance(obj, torch.nn.Module):
+            tensors = [*obj.parameters(), *obj.buffers(), *([p.grad for p in obj.parameters()] if grads else [])]
+        else:  # optimizer
+            tensors = [v for state in obj.state.values() for v in state.values()]
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                ptrs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(ptrs.values())
 
 
 class TensorPeak:
@@ -193,6 +226,97 @@ class TensorPeak:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------------
+def narrow_overrides(hidden_size: int = 256, num_layers: int = 4) -> dict:
+    """Config overrides of the benchmarks' fresh narrow student (the rule of
+    `recipes/dolly/smollm2-135m-to-llama-256`): heads of 64 dims, half as many KV heads, an MLP 3x the width."""
+    heads = max(hidden_size // 64, 1)
+    return dict(hidden_size=hidden_size, intermediate_size=hidden_size * 3, num_hidden_layers=num_layers,
+                num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), head_dim=64)  # fmt: skip
+
+
+def narrow_config(config, hidden_size: int = 256, num_layers: int = 4):
+    """A copy of a teacher's `config` narrowed with `narrow_overrides` (same vocabulary and everything else)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    for key, value in narrow_overrides(hidden_size, num_layers).items():
+        setattr(config, key, value)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teacher-forced quality, paired over examples
+# ----------------------------------------------------------------------------------------------------------------
+def length_batches(dataset, collator, batch_size: int, sort: bool = True) -> list[tuple[list[int], dict]]:
+    """[(row indices, batch)], rows grouped by length (little padding) when `sort`."""
+    lengths = [len(collator([dataset[i]])["input_ids"][0]) for i in range(len(dataset))]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i]) if sort else list(range(len(dataset)))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(rows, collator([dataset[i] for i in rows])) for rows in chunks]
+
+
+def teacher_forced(model, batches, n: int) -> dict[str, list]:
+    """Per example (`batches` from `length_batches`, `n` examples): the summed NLL of its completion tokens
+    (`labels != -100`), how many of them the argmax predicts, and how many there are."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, correct, tokens = [0.0] * n, [0] * n, [0] * n
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for rows, b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            targets = b["labels"][:, 1:]
+            mask = targets != -100
+            loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * mask
+            hit = (logits.argmax(-1) == targets) & mask
+            for j, row in enumerate(rows):
+                nll[row], correct[row], tokens[row] = float(loss[j].sum()), int(hit[j].sum()), int(mask[j].sum())
+    model.train(was_training)
+    return {"nll": nll, "correct": correct, "tokens": tokens}
+
+
+def per_token(sums, tokens) -> float:
+    """Per-token mean of per-example sums (the ratio of totals, as a dev NLL is reported)."""
+    total = float(sum(tokens))
+    if total <= 0:
+        raise ValueError("per_token needs a positive token count.")
+    return float(sum(sums)) / total
+
+
+def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired difference of per-token means, x - y, with a bootstrap 95% interval over examples.
+
+    `x_runs` / `y_runs` hold the per-example sums of one run, or one list of them per training seed (the same
+    examples, in the same order, for every run; `tokens[i]` is example i's token count). With several seeds the
+    statistic is the mean over seeds of the per-seed differences, and each bootstrap draw resamples the examples once
+    for all seeds (the examples are the shared source of noise; the seed-to-seed spread is reported next to it).
+
+    Returns `{"diff", "ci95": [lo, hi], "per_seed": [...], "n_examples", "n_seeds", "excludes_zero"}`.
+    """
+    import numpy as np
+
+    x, y = np.asarray(x_runs, dtype=np.float64), np.asarray(y_runs, dtype=np.float64)
+    if x.ndim == 1:
+        x, y = x[None], y[None]
+    t = np.asarray(tokens, dtype=np.float64)
+    if x.shape != y.shape or x.shape[1] != t.shape[0]:
+        raise ValueError(f"paired_difference needs equal shapes: x {x.shape}, y {y.shape}, tokens {t.shape}.")
+    if x.shape[1] == 0:
+        raise ValueError("paired_difference needs at least one example.")
+    d = x - y  # (seeds, examples)
+    per_seed = d.sum(1) / t.sum()
+    idx = np.random.default_rng(seed).integers(0, t.shape[0], size=(n_boot, t.shape[0]))
+    boot = (d[:, idx].sum(-1) / t[idx].sum(-1)).mean(0)  # (n_boot,)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(per_seed.mean()), "ci95": [float(lo), float(hi)], "per_seed": per_seed.tolist(),
+            "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # reporting
 # ----------------------------------------------------------------------------------------------------------------
 def hardware_line(device: str = "cpu", threads: int | None = None) -> str:
@@ -211,6 +335,15 @@ def hardware_line(device: str = "cpu", threads: int | None = None) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or torch.get_num_threads()
     return f"CPU {model}, {cores} cores, {ram:.0f} GiB RAM, torch {torch.__version__} with {threads} thread(s)"
+
+
+def md_table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table as lines: `| a | b |`, `|---|---|`, then one line per row (cells as `str` gives them)."""
+    return [
+        "| " + " | ".join(str(h) for h in header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]
 
 
 def write_results(out_dir: str, name: str, results: dict, markdown: str) -> tuple[str, str]:

@@ -28,26 +28,27 @@ live tensor bytes allocated during one step (a `TorchDispatchMode` counter); on 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
 import os
-import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from functools import partial
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+sys.path.insert(0, HERE)
+
+import harness  # noqa: E402  (benchmarks/harness.py: timing, memory probes, hardware line)
+from harness import TensorPeak, interleave, log, ratio_stats, round_order  # noqa: E402
+
 
 MODES = ("gkd_off", "gkd_on", "sft")
 # Per mode: the baseline first, then the feature-distillation trainer, then the reference.
@@ -139,105 +140,8 @@ def _settings(argv=None) -> argparse.Namespace:
 
 
 def _env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    harness.benchmark_env(threads=None)  # offline, quiet; the thread count is set where the device is known
     sys.path.insert(0, ROOT)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# memory probes
-# --------------------------------------------------------------------------------------------------------------
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1))
-
-
-def _reset_rss_peak() -> bool:
-    try:  # Linux >= 4.0: "5" resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class TensorPeak:
-    """Peak of live tensor bytes *allocated inside the block* (a `TorchDispatchMode`), per process, deterministic.
-
-    Every op output whose storage is new (not one of the op's inputs, not already counted) is counted until its
-    storage is freed. Tensors alive before the block (weights, optimizer state) are not counted: the result is the
-    step's transient memory, without allocator caching or fragmentation.
-    """
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                tracker._record(tree_flatten((args, kwargs))[0], tree_flatten(out)[0])
-                return out
-
-        self._mode = _Mode()
-        self.live: dict[int, tuple[int, object]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _record(self, inputs, outputs) -> None:
-        import torch
-
-        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-        for t in outputs:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            st = t.untyped_storage()
-            ptr, size = st.data_ptr(), st.nbytes()
-            if size == 0 or ptr in seen or ptr in self.live:
-                continue
-            self.live[ptr] = (size, weakref.ref(st, partial(self._free, ptr)))
-            self.current += size
-            self.peak = max(self.peak, self.current)
-
-    def _free(self, ptr, _ref) -> None:
-        size, _ = self.live.pop(ptr, (0, None))
-        self.current -= size
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-
-
-def _tensor_bytes(*objects) -> int:
-    """Bytes of the distinct storages of module parameters/buffers/grads and optimizer states."""
-    import torch
-
-    ptrs = {}
-    for obj in objects:
-        if obj is None:
-            continue
-        if isinstance(obj, torch.nn.Module):
-            tensors = list(obj.parameters()) + list(obj.buffers())
-        else:  # optimizer
-            tensors = [v for state in obj.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        for t in tensors:
-            ptrs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(ptrs.values())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -278,13 +182,8 @@ class Bench:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=self.dtype)
-            cfg = AutoConfig.from_pretrained(a.teacher)
-            heads = max(a.student_hidden // 64, 1)
-            for key, value in dict(hidden_size=a.student_hidden, intermediate_size=a.student_hidden * 3,
-                                   num_hidden_layers=a.student_layers, num_attention_heads=heads,
-                                   num_key_value_heads=max(heads // 2, 1), head_dim=64).items():  # fmt: skip
-                setattr(cfg, key, value)
-            self.student_config = cfg
+            self.student_config = harness.narrow_config(AutoConfig.from_pretrained(a.teacher), a.student_hidden,
+                                                        a.student_layers)  # fmt: skip
             self.teacher_name = f"SmolLM2-135M-Instruct ({a.teacher})"
         self.teacher.requires_grad_(False).eval()
         self.teacher.to(self.device)
@@ -491,13 +390,6 @@ def make_trainer(bench: Bench, mode: str, config: str, length: int, batch_size: 
     return FeatureDistillTrainer(unit_selection=bench.selection(pairs, k), **common)
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(trainer, batch: dict, seed: int = 0) -> None:
     """One optimizer step: the host's `training_step` (generation, forward, loss, backward) + optimizer step."""
     import torch
@@ -517,59 +409,6 @@ def train_step(trainer, batch: dict, seed: int = 0) -> None:
 def train_steps(trainer, batches: list[dict]) -> None:
     for i, batch in enumerate(batches):
         train_step(trainer, batch, seed=i)
-
-
-def _time_call(fn, device) -> tuple[float, float]:
-    gc.collect()
-    _sync(device)
-    w0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    _sync(device)
-    return time.perf_counter() - w0, time.process_time() - c0
-
-
-def round_order(names: list[str], r: int) -> list[str]:
-    """Balanced order of round r: rotations, then reversed rotations (A B C, B C A, C A B, C B A, A C B, B A C;
-    for two configurations A B, B A, B A, A B), so every configuration takes every position equally often."""
-    k = len(names)
-    order = names[r % k :] + names[: r % k]
-    return order[::-1] if (r // k) % 2 else order
-
-
-def interleave(fns: dict, rounds: int, reps: int, device, warmup: int = 1, label: str = "") -> dict:
-    """Run each callable `reps` times per round, in a balanced order that changes every round (`round_order`).
-
-    Returns per name the per-round mean wall and CPU seconds."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    out = {n: {"wall": [], "cpu": []} for n in names}
-    for r in range(rounds):
-        order = round_order(names, r)
-        for name in order:
-            walls, cpus = zip(*[_time_call(fns[name], device) for _ in range(reps)], strict=True)
-            out[name]["wall"].append(sum(walls) / reps)
-            out[name]["cpu"].append(sum(cpus) / reps)
-        line = "  ".join(f"{n} {out[n]['wall'][-1]:.3f}s" for n in names)
-        log(f"  {label} round {r + 1}/{rounds}: {line}")
-    return out
-
-
-def ratio_stats(times: dict, a: str, b: str) -> dict:
-    """Per-round ratios a/b for wall and CPU time: the median (with a bootstrap 95% interval of the median) and the
-    ratio of the per-configuration minima (robust to the positive noise of a shared machine)."""
-    res = {}
-    rng = random.Random(0)
-    for kind in ("wall", "cpu"):
-        ratios = [x / y for x, y in zip(times[a][kind], times[b][kind], strict=True)]
-        res[kind] = round(statistics.median(ratios), 4)
-        res[f"{kind}_min"], res[f"{kind}_max"] = round(min(ratios), 4), round(max(ratios), 4)
-        boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-        res[f"{kind}_ci95"] = [round(boot[50], 4), round(boot[1949], 4)]
-        res[f"{kind}_ratio_of_min"] = round(min(times[a][kind]) / min(times[b][kind]), 4)
-    res["rounds"] = len(times[a]["wall"])
-    return res
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -637,28 +476,28 @@ def _run_worker(spec: dict) -> dict:
     gc.collect()
     result = {}
     if cuda:
-        _sync(bench.device)
+        harness.sync(bench.device)
         torch.cuda.reset_peak_memory_stats(bench.device)
         base = torch.cuda.memory_allocated(bench.device)
         for _ in range(args.mem_steps):
             for fn in steps:
                 fn()
-        _sync(bench.device)
+        harness.sync(bench.device)
         peak = torch.cuda.max_memory_allocated(bench.device)
         result.update(peak_mb=peak / 2**20, transient_mb=(peak - base) / 2**20, base_mb=base / 2**20,
                       probe="torch.cuda.max_memory_allocated")  # fmt: skip
     else:
-        base = _proc_status_kib("VmRSS")
-        ok = _reset_rss_peak()
+        base = harness.rss_mib()
+        ok = harness.reset_rss_peak()
         for _ in range(args.mem_steps):
             for fn in steps:
                 fn()
                 gc.collect()
-        peak = _proc_status_kib("VmHWM")
-        result.update(peak_mb=peak / 1024, transient_mb=(peak - base) / 1024, base_mb=base / 1024,
+        peak = harness.peak_rss_mib()
+        result.update(peak_mb=peak, transient_mb=peak - base, base_mb=base,
                       probe="VmHWM (peak RSS) after clear_refs" if ok else "VmHWM (not reset)")  # fmt: skip
         # deterministic: the peak of live tensor bytes allocated during one call, over the tensors alive before
-        static = _tensor_bytes(*holders, trainer.optimizer if trainer is not None else None)
+        static = harness.tensor_bytes(*holders, trainer.optimizer if trainer is not None else None)
         tracked = []
         for fn in steps:
             gc.collect()
@@ -738,7 +577,7 @@ def added_work(trainer, batch: dict, reps: int) -> dict:
             h.grad.add_(host_grad[layer])
 
     run()
-    walls, cpus = zip(*[_time_call(run, dev) for _ in range(reps)], strict=True)
+    walls, cpus = zip(*[harness.time_call(run, dev) for _ in range(reps)], strict=True)
     return {"wall": statistics.median(walls), "cpu": statistics.median(cpus)}
 
 
@@ -895,10 +734,10 @@ def part_scaling(args, bench: Bench) -> dict:
             if bench.device.type == "cuda":
                 import torch
 
-                _sync(bench.device)
+                harness.sync(bench.device)
                 torch.cuda.reset_peak_memory_stats(bench.device)
                 fn()
-                _sync(bench.device)
+                harness.sync(bench.device)
                 peaks[name] = torch.cuda.max_memory_allocated(bench.device)
             else:
                 with TensorPeak() as tp:
@@ -921,23 +760,6 @@ def part_scaling(args, bench: Bench) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------------------
-def hardware_line(args) -> str:
-    import torch
-
-    if args.device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        return (f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
-                f"CUDA {torch.version.cuda}")  # fmt: skip
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        m = re.search(r"model name\s*:\s*(.+)", fh.read())
-        model = m.group(1).strip() if m else model
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"CPU {model}, {cores} cores, {ram:.0f} GiB RAM, torch {torch.__version__} with {args.threads} "
-            f"thread(s), fp32")  # fmt: skip
-
-
 def _verdict(value, target) -> str:
     return "n/a" if value is None else ("pass" if value <= target else "MISS")
 
@@ -1121,7 +943,8 @@ def main(argv=None) -> dict:
 
     hf_logging.set_verbosity_error()
     start = time.perf_counter()
-    results = {"hardware": hardware_line(args), "loadavg_start": os.getloadavg()[0], "command": "python " + " ".join(sys.argv),
+    hardware = harness.hardware_line(args.device, args.threads) + (", fp32" if args.device == "cpu" else "")
+    results = {"hardware": hardware, "loadavg_start": os.getloadavg()[0], "command": "python " + " ".join(sys.argv),
                "settings": {k: v for k, v in vars(args).items() if k != "worker"}}  # fmt: skip
     log(results["hardware"])
     bench = Bench(args)

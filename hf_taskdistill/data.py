@@ -18,6 +18,7 @@ import os
 import random
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ EVAL_SETS = {
 }
 INSTRUCTION_EVAL_SETS = ("dolly", "self_inst", "vicuna", "sinst", "unni_slice")
 SUMMARIZATION_EVAL_SETS = ("dialogsum",)
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".tsv")  # local files, not Hub ids
 
 # A field spec is `str`, `list` (a non-empty list of strings) or a tuple of those (any of them).
 _TRAIN_FIELDS = {
@@ -227,8 +229,10 @@ def load_task_dataset(
         max_samples: keep a seeded subset (see [`subsample`]): a count, a fraction in (0, 1], or None for all.
         seed: seed of that subset.
         split: the split read from a folder or the Hub.
+
+    The dataset's `info.dataset_name` is [`data_label`] of `source` (e.g. `dolly/train.jsonl`, never a path).
     """
-    from datasets import Dataset
+    from datasets import Dataset, DatasetInfo
 
     for name, value, choices in (
         ("task", task, TASKS),
@@ -252,7 +256,11 @@ def load_task_dataset(
             records.append({"prompt": [user], "completion": [assistant]})
         else:
             records.append({"prompt": prompt, "completion": row[completion_field]})
-    return Dataset.from_list(records)
+    # `info.dataset_name` carries a publishable name of the source (never a path) to the trainer's data record.
+    info = DatasetInfo(
+        dataset_name=data_label(source), description=f"hf_taskdistill {task} data ({format}, {template})"
+    )
+    return Dataset.from_list(records, info=info)
 
 
 def to_messages(example: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]:
@@ -267,6 +275,145 @@ def to_messages(example: Mapping[str, Any]) -> dict[str, list[dict[str, str]]]:
     if isinstance(completion, str):
         completion = [{"role": "assistant", "content": completion}]
     return {"messages": list(prompt) + list(completion)}
+
+
+@dataclass(frozen=True)
+class FitCounts:
+    """What [`fit_to_max_length`] did: examples in, completions truncated, examples dropped, examples left."""
+
+    total: int
+    truncated: int
+    dropped: int
+    kept: int
+    max_length: int | None
+
+    def __str__(self) -> str:
+        return (
+            f"{self.truncated} of {self.total} completions truncated and {self.dropped} examples dropped to fit "
+            f"max_length={self.max_length}; {self.kept} examples left"
+        )
+
+
+# Room left in the window for the end-of-turn / eos tokens the chat template appends after the completion.
+_END_TOKENS = 4
+
+
+def fit_to_max_length(dataset, tokenizer, max_length: int | None, name: str = "train", return_counts: bool = False):
+    """Fit every example into a `max_length`-token window, like MiniLLM's preprocessing.
+
+    An example that fits is kept as is. One that does not is **dropped** when its prompt takes more than half of the
+    window, else its completion is **truncated** (its first tokens kept) so prompt + completion + end tokens fit.
+    TRL's GKD collator would otherwise keep the *last* `max_length` tokens (the start of the prompt goes first) and
+    raise "no prompt tokens left after truncation" when a completion alone fills the window; SFT would silently
+    cut the end. Both hosts get the same examples. Use it with the `max_length` of the trainer's config:
+
+        train = load_task_dataset("dolly/train.jsonl")
+        train, counts = fit_to_max_length(train, tokenizer, args.max_length, return_counts=True)
+
+    Args:
+        dataset: a `datasets.Dataset` with a `messages` column or `prompt` + `completion` columns (conversational
+            or plain strings), as [`load_task_dataset`] returns.
+        tokenizer: the tokenizer the trainer uses (its chat template renders conversational prompts).
+        max_length: the window in tokens; None returns the dataset unchanged.
+        name: the split name used in the log line.
+        return_counts: also return a [`FitCounts`] (total, truncated, dropped, kept).
+
+    Returns:
+        The fitted dataset, or `(dataset, FitCounts)` with `return_counts=True`. The counts are always logged: at
+        INFO level when nothing changed, as a warning when examples were truncated or dropped.
+    """
+    if max_length is None:
+        counts = FitCounts(len(dataset), 0, 0, len(dataset), None)
+        return (dataset, counts) if return_counts else dataset
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= _END_TOKENS:
+        raise ValueError(f"max_length must be an integer > {_END_TOKENS}, got {max_length!r}.")
+    columns = dataset.column_names
+    if "messages" in columns:
+        prompt_key = "messages"
+    elif "prompt" in columns and "completion" in columns:
+        prompt_key = "prompt"
+    else:
+        raise ValueError(
+            f"fit_to_max_length needs a `messages` column or `prompt` + `completion` columns; the dataset has "
+            f"{columns}. Load task data with hf_taskdistill.data.load_task_dataset."
+        )
+
+    def fit(example):
+        if prompt_key == "messages":
+            prompt, completion = example["messages"][:-1], example["messages"][-1]["content"]
+        else:
+            prompt, completion = example["prompt"], example["completion"]
+            completion = completion if isinstance(completion, str) else completion[-1]["content"]
+        if not isinstance(prompt, str):
+            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        budget = max_length - n_prompt - _END_TOKENS
+        cut = len(ids) > budget
+        keep = not cut or n_prompt <= max_length // 2  # an example that fits is always kept
+        cut = cut and keep
+        if cut:
+            completion = tokenizer.decode(ids[:budget])
+            if prompt_key == "messages":
+                example["messages"][-1]["content"] = completion
+            elif isinstance(example["completion"], str):
+                example["completion"] = completion
+            else:
+                example["completion"][-1]["content"] = completion
+        return {**example, "_keep": keep, "_cut": cut}
+
+    total = len(dataset)
+    dataset = dataset.map(fit, desc=f"fit {name} to max_length={max_length}")
+    n_cut, n_keep = sum(dataset["_cut"]), sum(dataset["_keep"])
+    dataset = dataset.filter(lambda e: e["_keep"]).remove_columns(["_keep", "_cut"])
+    counts = FitCounts(total=total, truncated=n_cut, dropped=total - n_keep, kept=len(dataset), max_length=max_length)
+    if counts.truncated or counts.dropped:
+        why = " (dropped: the prompt alone takes over half of the window)" if counts.dropped else ""
+        logger.warning("%s: %s%s. Raise max_length to keep more.", name, counts, why)
+    else:
+        logger.info("%s: all %d examples fit max_length=%d.", name, total, max_length)
+    if not len(dataset):
+        raise ValueError(f"{name}: no example fits max_length={max_length} (every prompt takes over half of it).")
+    return (dataset, counts) if return_counts else dataset
+
+
+def data_label(source: str | os.PathLike | None) -> str | None:
+    """A name for training data that is safe to publish: a Hub dataset id as is; a local file by its name, with its
+    folder when the file is named after a split (`../shared/data/dolly/train.jsonl` -> `dolly/train.jsonl`); never a
+    path."""
+    if not source:
+        return None
+    from .provenance import is_hub_id
+
+    name = os.fspath(source)
+    if is_hub_id(name) and not name.lower().endswith(DATA_FILE_SUFFIXES):
+        return name
+    path = os.path.normpath(name)
+    base, parent = os.path.basename(path), os.path.basename(os.path.dirname(path))
+    if parent and (base.split(".")[0].lower() in ("train", "dev", "validation", "valid", "test") or "." not in base):
+        return f"{parent}/{base}"
+    return base or "local-data"
+
+
+def describe_task_data(
+    source: str | os.PathLike | None,
+    dataset=None,
+    counts: FitCounts | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """The training-data record a model card shows (`UnitSelection.data`): `{"name", "num_examples", ...}`.
+
+    `name` is [`data_label`] of `source` (never a local path); `num_examples` the length of `dataset`; with
+    `counts` (from [`fit_to_max_length`]) also `max_length`, `truncated` and `dropped`; `details` (e.g. `task`,
+    `template`, `max_samples`) are added when not None.
+    """
+    record: dict[str, Any] = {"name": data_label(source)}
+    if dataset is not None and hasattr(dataset, "__len__"):
+        record["num_examples"] = len(dataset)
+    if counts is not None and counts.max_length is not None:
+        record.update(max_length=counts.max_length, truncated=counts.truncated, dropped=counts.dropped)
+    record.update({k: v for k, v in details.items() if v is not None})
+    return record
 
 
 def ensure_chat_template(tokenizer, template: str = "chat"):

@@ -57,12 +57,30 @@ def score_answers(model, tokenizer, rows) -> dict[str, float]:
     """Exact match and ROUGE-L F (rouge_score, no stemmer), in percent, with greedy decoding."""
     from rouge_score import rouge_scorer
 
+    from .evaluation import quiet_absl_logging
+
+    quiet_absl_logging()
     answers = _greedy_answers(model, tokenizer, rows)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     pairs = list(zip(answers, [r["output"] for r in rows], strict=True))
     exact = sum(a == ref for a, ref in pairs) / len(rows)
     rouge = sum(scorer.score(ref, a)["rougeL"].fmeasure for a, ref in pairs) / len(rows)
     return {"exact_match": round(100 * exact, 2), "rougeL": round(100 * rouge, 2)}
+
+
+def _progress_callback(phase: str, start: float):
+    """A `TrainerCallback` printing one line per logging step: the phase, step/max_steps, loss, elapsed seconds."""
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is None or not state.is_world_process_zero:
+                return
+            print(f"      {phase}: step {state.global_step}/{state.max_steps}, loss {loss:.3f}  "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+
+    return _Progress()
 
 
 def _common_args(output_dir: str, steps: int, seed: int, **extra):
@@ -108,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(os.cpu_count() or 1, 1))
     start = time.perf_counter()
     out = os.path.abspath(args.output_dir)
     tokenizer = build_toy_tokenizer()
@@ -117,15 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     eval_rows = make_toy_examples(args.eval_examples, seed=args.seed + 10_000)
     messages = Dataset.from_list([to_messages(r) for r in train_rows])
 
-    print(f"[1/4] task: {len(train_rows)} generated training examples, e.g. {train_rows[0]}")
+    print(f"[1/4] task: {len(train_rows)} generated training examples, e.g. {train_rows[0]}", flush=True)
+    print(f"[2/4] training the teacher (hidden 64, 4 layers) with TRL's SFTTrainer, {args.teacher_steps} steps ...",
+          flush=True)  # fmt: skip
     teacher = tiny_llama(vocab, hidden_size=64, num_layers=4, seed=args.seed)
     teacher_args = _common_args(f"{out}/teacher", args.teacher_steps, args.seed, completion_only_loss=True)
     sft = SFTTrainer(model=teacher, args=teacher_args, processing_class=tokenizer,
                      train_dataset=Dataset.from_list([to_prompt_completion(r) for r in train_rows]))  # fmt: skip
     sft.remove_callback(PrinterCallback)
+    sft.add_callback(_progress_callback("teacher", start))
     sft.train()
     teacher_score = score_answers(teacher, tokenizer, eval_rows)
-    print(f"[2/4] teacher (hidden 64, 4 layers) trained: {teacher_score}  ({time.perf_counter() - start:.0f}s)")
+    print(f"[2/4] teacher (hidden 64, 4 layers) trained: {teacher_score}  ({time.perf_counter() - start:.0f}s)",
+          flush=True)  # fmt: skip
 
     variants = [
         ("logit KD only", {"feature_loss_weight": 0.0}),
@@ -137,18 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in variants:
         student = tiny_llama(vocab, hidden_size=args.student_hidden, num_layers=2, seed=args.seed + 1)
         run_dir = f"{out}/" + name.replace(" ", "_").replace("+", "plus")
+        print(f"[3/4] student (hidden {args.student_hidden}) {name}: "
+              f"{'scoring the teacher units, then ' if extra.get('selection_method') == 'grad' else ''}"
+              f"{args.student_steps} steps ...", flush=True)  # fmt: skip
         cfg = _common_args(run_dir, args.student_steps, args.seed, beta=0.5, selection_num_samples=256,
                            feature_loss_weight=extra.pop("feature_loss_weight", args.feature_loss_weight), **extra)  # fmt: skip
         trainer = FeatureDistillTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=messages,
                                         processing_class=tokenizer)  # fmt: skip
         trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_progress_callback(name, start))
         trainer.train()
         results[name] = score_answers(student, tokenizer, eval_rows)
         if trainer.unit_selection is not None:
             trainer.save_model(f"{run_dir}/final")
             method_dir = f"{run_dir}/final"
         print(
-            f"[3/4] student (hidden {args.student_hidden}) {name}: {results[name]}  ({time.perf_counter() - start:.0f}s)"
+            f"[3/4] student (hidden {args.student_hidden}) {name}: {results[name]}  ({time.perf_counter() - start:.0f}s)",
+            flush=True,
         )
 
     width = max(len(k) for k in results)

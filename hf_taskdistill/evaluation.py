@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 SUMMARIZATION_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_RULE = "F-measure x100; max over references per example; plain mean over examples"
+ROUGE_SCALE = "x100"  # every ROUGE number here, in the JSON, the table and the model card: F-measure times 100
 UNNI_NOTE = (
     "unni_slice is a 1,050-example slice of Unnatural Instructions with 1-2-word outputs (ROUGE-L is close to exact "
     "match); it is not MiniLLM's UnNI set (10,000 examples, responses of at least 11 tokens): never report or "
@@ -76,6 +77,11 @@ def _try_evaluate_rouge() -> Any:
         except ImportError as e:
             logger.info("evaluate is not importable (%s); using rouge_score directly.", e)
     return _evaluate_rouge or None
+
+
+def quiet_absl_logging() -> None:
+    """Keep `rouge_score`'s absl INFO lines ("Using default tokenizer.", one per scorer) out of the log."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _version(package: str) -> str:
@@ -116,6 +122,7 @@ def rouge_scores(
     if empty := [i for i, r in enumerate(refs) if not r]:
         raise ValueError(f"Example {empty[0]} has no reference.")
     rouge_types = list(rouge_types)
+    quiet_absl_logging()
 
     metric = _try_evaluate_rouge() if implementation != "rouge_score" else None
     if implementation == "evaluate" and metric is None:
@@ -244,7 +251,8 @@ def build_eval_prompts(tokenizer, examples: Sequence[Mapping[str, Any]], templat
 
 
 def _mean_std(values: list[float]) -> dict[str, Any]:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std over seeds; std is None (not 0) for a single seed, where it is undefined."""
+    std = statistics.stdev(values) if len(values) > 1 else None
     return {"mean": statistics.fmean(values), "std": std, "per_seed": values}
 
 
@@ -276,8 +284,9 @@ def evaluate_model(
         keep_predictions: also store each seed's generations.
 
     Returns:
-        `{"protocol": {...decoding, seeds, template, rouge rule and implementation, notes}, "sets": {name: {"n",
-        "rougeL": {"mean", "std", "per_seed"}, ...}}}`; std is the sample standard deviation over seeds.
+        `{"protocol": {...decoding, seeds, template, rouge rule, scale and implementation, notes}, "sets": {name:
+        {"n", "rougeL": {"mean", "std", "per_seed"}, ...}}}`: ROUGE F-measures x 100; std is the sample standard
+        deviation over seeds, None for a single seed (greedy decoding runs one).
     """
     seeds = list(seeds) if do_sample else list(seeds)[:1]
     if not seeds:
@@ -310,7 +319,9 @@ def evaluate_model(
         results["sets"][name] = entry
     notes = [UNNI_NOTE] if "unni_slice" in eval_sets else []
     if not do_sample:
-        notes.append("Greedy decoding: one pass (the seeds do not matter), so std is 0.")
+        notes.append("Greedy decoding: one pass (the seeds do not matter), so there is no std.")
+    elif len(seeds) == 1:
+        notes.append("One generation seed: no std.")
     decoding: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
         decoding.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -326,6 +337,7 @@ def evaluate_model(
         "template": template,
         "max_samples": max_samples,
         "rouge": ROUGE_RULE + "; mean and sample std (ddof=1) over seeds",
+        "rouge_scale": ROUGE_SCALE,
         "rouge_impl": " | ".join(sorted(impls)),
         "notes": notes,
     }
@@ -345,15 +357,18 @@ def write_results_json(results: Mapping[str, Any], path: str | os.PathLike) -> N
 def _cell(entry: Mapping[str, Any], rouge_type: str) -> str:
     if rouge_type not in entry:
         return "-"
-    mean, std = entry[rouge_type]["mean"], entry[rouge_type]["std"]
-    return f"{mean:.2f} ({std:.2f})" if not math.isnan(mean) else "nan"
+    mean, std = entry[rouge_type]["mean"], entry[rouge_type].get("std")
+    if math.isnan(mean):
+        return "nan"
+    return f"{mean:.2f} ({std:.2f})" if std is not None else f"{mean:.2f} (–)"
 
 
 def format_results_table(results: Mapping[str, Any]) -> str:
-    """A Markdown table: set | n | ROUGE-L mean (std), plus ROUGE-1/2 columns when a set has them."""
+    """A Markdown table: set | n | ROUGE-L F1 x100, mean (std over seeds; "–" for one seed), plus ROUGE-1/2 columns
+    when a set has them. Two decimals, as in the model card."""
     sets = results["sets"]
     extra = [t for t in ("rouge1", "rouge2") if any(t in entry for entry in sets.values())]
-    header = ["set", "n", "ROUGE-L mean (std)"] + [f"ROUGE-{t[-1]} mean (std)" for t in extra]
+    header = ["set", "n", "ROUGE-L F1 (x100) mean (std)"] + [f"ROUGE-{t[-1]} F1 (x100) mean (std)" for t in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in sets.items():
         cells = [name, str(entry["n"]), _cell(entry, "rougeL")] + [_cell(entry, t) for t in extra]
@@ -415,5 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_results_json(results, args.output)
     print(format_results_table(results))
     print(f"\nROUGE: {results['protocol']['rouge_impl']}; {results['protocol']['rouge']}.")
+    if len(results["protocol"]["seeds"]) == 1:
+        print("One generation seed: no std (shown as –).")
     print(f"Results written to {args.output}")
     return 0

@@ -2,7 +2,11 @@
 
 TRL's card cannot name the teacher, the layers or k, renders `base_model: None` for local students and writes a
 `licence` key; `build_model_card` replaces it. Everything shown is computed here, so the template only prints
-strings and never a Python `None`.
+strings and never a Python `None`. What the card states comes from the stored selection (`config.json`'s
+`task_distill`: teacher, student, data, training settings, a pruned student's `init`), the raw-scores sidecar (the
+plot) and an optional `selection_report.json` (the keep-k sentence). Models are named through
+`hf_taskdistill.provenance`: a Hub id is linked with its revision, a local model gets a label that is never a link
+and never a path. ROUGE is the F-measure x 100 everywhere, at two decimals (`ROUGE_LABEL`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import textwrap
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -21,16 +24,21 @@ from typing import Any
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .provenance import FLEX_KD_PAPER
+from .data import DATA_FILE_SUFFIXES, data_label
+from .provenance import FLEX_KD_PAPER, is_hub_id, local_label, model_reference, reference_text
 from .selection import CONFIG_KEY, SCORES_NAME, UnitSelection, load_unit_selection
 
 
 logger = logging.getLogger(__name__)
 
 PLOT_NAME = "unit_scores.png"
+REPORT_NAME = "selection_report.json"  # keep-k curve of the selection (`hf-taskdistill select`), optional
+REPORT_PLOT_NAME = "selection_report.png"
+# ROUGE everywhere (eval output, card table, model-index) is the F-measure x 100, rounded to two decimals: the scale of
+# `hf-taskdistill eval`, of MiniLLM/DistiLLM, and of transformers' summarization examples (`round(v * 100, 4)`).
+ROUGE_LABEL = "ROUGE-L F1 (x100)"
+ROUGE_DECIMALS = 2
 BASE_TAGS = ["distillation", "trl", "feature-distillation", "hf_taskdistill"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gguf", ".safetensors")
 _PACKAGES = ("torch", "transformers", "trl", "peft", "huggingface_hub", "hf-taskdistill")
 # Keyword arguments of `transformers.Trainer.create_model_card` that `push_to_hub(**kwargs)` may forward.
 _TRANSFORMERS_CARD_KWARGS = {"language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags",
@@ -50,15 +58,6 @@ TRL_CITATION = textwrap.dedent("""\
     }""")
 
 
-def is_hub_id(name: Any) -> bool:
-    """True for `org/name` or `name` strings that are not local paths (only those go into YAML links)."""
-    if not isinstance(name, str) or not name or os.path.exists(name) or name.startswith((".", "/", "~")):
-        return False
-    if name.lower().endswith(_FILE_SUFFIXES):
-        return False
-    return bool(_HUB_ID.match(name)) and ".." not in name
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for name in _PACKAGES:
@@ -75,23 +74,101 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _name(model_id: str | None, revision: str | None = None) -> str:
-    """Markdown for a model reference: a Hub link, a local checkpoint's folder name, or 'not recorded'."""
-    if not model_id:
-        return "not recorded"  # an in-memory model has no id
-    if is_hub_id(model_id):
+def _rouge(value: float | None) -> str:
+    return "–" if value is None else f"{value:.{ROUGE_DECIMALS}f}"
+
+
+# ----- references to models and data (never a local path) -----
+def as_reference(value: Any, revision: str | None = None) -> dict[str, str | None]:
+    """A `{"model_id", "revision", "local_name"}` dict from a stored reference dict, a Hub id, a path or a model.
+
+    A stored `model_id` that is not a Hub id (a path written by an older version) becomes its local label, so a
+    file-system path never reaches a card.
+    """
+    if isinstance(value, Mapping):
+        model_id, local = value.get("model_id"), value.get("local_name")
+        if model_id and not is_hub_id(model_id):
+            model_id, local = None, local or local_label(model_id)
+        return {"model_id": model_id or None, "revision": (value.get("revision") if model_id else None) or None,
+                "local_name": None if model_id else (local or None)}  # fmt: skip
+    return model_reference(value, revision)
+
+
+def reference_markdown(reference: Mapping[str, Any] | None) -> str:
+    """Markdown for a model reference: a Hub link (with its revision), a local label that is never a link, or
+    'not recorded'."""
+    reference = as_reference(reference or {})
+    if reference["model_id"]:
+        model_id, rev = reference["model_id"], reference["revision"]
         text = f"[{model_id}](https://huggingface.co/{model_id})"
-    else:  # only the folder name: an absolute path would expose the local file system
-        text = f"`{os.path.basename(os.path.normpath(model_id))}` (a local checkpoint)"
-    return f"{text} at revision `{revision}`" if revision else text
+        return f"{text} at revision `{rev}`" if rev else text
+    if reference["local_name"]:
+        return f"`{reference['local_name']}` (a local checkpoint, not on the Hub)"
+    return "not recorded"
 
 
+def _fresh_student_source(raw: Any, student: dict, teacher: dict, selection: UnitSelection | None) -> str | None:
+    """Markdown for a student built with fresh weights from a config, else None.
+
+    Recorded by `hf-taskdistill train --student_config_overrides` as `{"config_from": <reference>,
+    "config_overrides": {...}}`; inferred when the recorded student is the teacher itself but narrower (a model made
+    with `AutoModelForCausalLM.from_config(teacher_config)` keeps the teacher's name, not its weights).
+    """
+    raw = raw if isinstance(raw, Mapping) else {}
+    source = raw.get("config_from")
+    if source is None and selection is not None and selection.student_hidden_size != selection.teacher_hidden_size:
+        same = (student["model_id"] or student["local_name"]) and (
+            (student["model_id"], student["local_name"]) == (teacher["model_id"], teacher["local_name"])
+        )
+        source = student if same else None
+    if source is None:
+        return None
+    overrides = raw.get("config_overrides")
+    text = f"random weights, built from the config of {reference_markdown(source)}"
+    if isinstance(overrides, Mapping) and overrides:
+        text += " with " + ", ".join(f"`{k}={v}`" for k, v in overrides.items())
+    elif selection is not None:
+        text += f", narrowed to hidden size {selection.student_hidden_size}"
+    return text
+
+
+def _data_is_hub(name: str | None) -> bool:
+    return bool(name) and is_hub_id(name) and not name.lower().endswith(DATA_FILE_SUFFIXES)
+
+
+def _data_context(data: Mapping[str, Any] | None, dataset_name: Any) -> tuple[str, list[str]]:
+    """(Markdown of the training data, Hub dataset ids for the YAML)."""
+    names = [dataset_name] if isinstance(dataset_name, (str, os.PathLike)) else list(dataset_name or [])
+    data = dict(data or {})
+    if data.get("name") and not names:
+        names = [data["name"]]
+    labels = [label for label in (data_label(n) for n in names) if label]
+    hub = [label for label in labels if _data_is_hub(label)]
+    links = [f"[{d}](https://huggingface.co/datasets/{d})" if d in hub else f"`{d}` (a local file)" for d in labels]
+    if not links:
+        return "not recorded", []
+    details = []
+    if isinstance(data.get("num_examples"), int):
+        details.append(f"{data['num_examples']:,} training examples")
+    if isinstance(data.get("max_length"), int):
+        cut = [f"{data[k]:,} {what}" for k, what in (("truncated", "completions truncated"),
+               ("dropped", "examples dropped")) if isinstance(data.get(k), int) and data[k]]  # fmt: skip
+        details.append(f"fitted to {data['max_length']} tokens" + (f" ({', '.join(cut)})" if cut else ""))
+    for key, text in (("task", "task"), ("template", "prompt template")):
+        if data.get(key):
+            details.append(f"{text} `{data[key]}`")
+    return ", ".join(links) + (f": {', '.join(details)}" if details else ""), hub
+
+
+# ----- evaluation results: one scale (F-measure x 100), one rounding -----
 def normalize_eval_results(eval_results: Any) -> list[dict[str, Any]]:
-    """Rows `{"dataset", "value", "std", "n"}` of ROUGE-L from the evaluation module's dict, a JSON file or string.
+    """Rows `{"dataset", "value", "std", "n"}` of ROUGE-L (F-measure x 100) from the evaluation module's dict, a
+    JSON file or a JSON string.
 
     Accepts `{set: {"rougeL": {"mean": x, "std": y}, "n": n}}`, `{set: {"rougeL": x}}`, `{set: {"mean": x}}`, a
     flat `{set: x}`, and any of these under a top-level `"sets"` (as `hf-taskdistill eval` writes) or `"results"`
-    key. Entries without a finite number are skipped with a warning.
+    key. Values are taken to be on the x100 scale `hf-taskdistill eval` writes (a fraction such as 0.19 is shown as
+    0.19, not 19). Entries without a finite number are skipped with a warning; a std of None (one seed) stays None.
     """
     if eval_results is None:
         return []
@@ -130,33 +207,45 @@ def normalize_eval_results(eval_results: Any) -> list[dict[str, Any]]:
 def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
     """The evaluation section's body: one line of protocol and a Markdown table of `normalize_eval_results` rows."""
     lines = [
-        "ROUGE-L of generated responses against the references (mean over seeds, with their standard deviation).",
+        (
+            f"{ROUGE_LABEL}: ROUGE-L F-measure of generated responses against the references, times 100 (0-100), "
+            "mean over generation seeds with their sample standard deviation (– for a single seed)."
+        ),
         "",
-        "| Dataset | ROUGE-L | Std | Samples |",
+        f"| Dataset | {ROUGE_LABEL} | Std | Samples |",
         "|---|---|---|---|",
     ]
     for r in rows:
-        std = _fmt(r["std"]) if r["std"] is not None else "-"
-        lines.append(f"| {r['dataset']} | {_fmt(r['value'])} | {std} | {r['n'] if r['n'] is not None else '-'} |")
+        lines.append(f"| {r['dataset']} | {_rouge(r['value'])} | {_rouge(r['std'])} | "
+                     f"{r['n'] if r['n'] is not None else '–'} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def eval_results_metadata(rows: list[dict[str, Any]]) -> list[EvalResult]:
-    """`model-index` entries (legacy `EvalResult` format) of `normalize_eval_results` rows."""
+    """`model-index` entries (legacy `EvalResult` format) of `normalize_eval_results` rows: metric `rouge` (the
+    evaluate metric id) with `rouge_types: [rougeL]`, value = F-measure x 100 rounded to two decimals."""
     return [
         EvalResult(
             task_type="text-generation",
             task_name="Text Generation",
             dataset_type=r["dataset"],
             dataset_name=r["dataset"],
-            metric_type="rougeL",
-            metric_name="ROUGE-L",
-            metric_value=r["value"],
+            metric_type="rouge",
+            metric_name=ROUGE_LABEL,
+            metric_value=round(r["value"], ROUGE_DECIMALS),
+            metric_args={"rouge_types": ["rougeL"], "use_stemmer": False, "scale": 100},
         )
         for r in rows
     ]
 
 
+def rows_from_model_index(card) -> dict[str, float] | None:
+    """`{dataset: value}` of the ROUGE-L entries of a card's `model-index` (ours: `rouge`; older cards: `rougeL`)."""
+    results = getattr(getattr(card, "data", None), "eval_results", None) or []
+    return {r.dataset_name: r.metric_value for r in results if r.metric_type in ("rouge", "rougeL")} or None
+
+
+# ----- method, losses, selection -----
 def _method(selection: UnitSelection | None, feature_loss_weight: float | None, logit_loss: str | None):
     """(key, prose) of the distillation method."""
     if selection is None or feature_loss_weight == 0:
@@ -173,10 +262,12 @@ def _method(selection: UnitSelection | None, feature_loss_weight: float | None, 
         )
     if method == "random":
         return "random-units", "random teacher units (seeded ablation baseline; no scores)"
-    return "task-selected-units", f"task-selected teacher units, scored by gradient relevance ({_SCORE_FORMS[method]})"
+    form = _SCORE_FORMS.get(method, f"`{method}`")
+    return "task-selected-units", f"task-selected teacher units, scored by gradient relevance ({form})"
 
 
-def _logit_loss(logit_loss: str | None, beta: float | None, lmbda: float | None) -> tuple[dict, str]:
+def _logit_loss(logit_loss: str | None, beta: float | None, lmbda: float | None) -> tuple[dict, str | None]:
+    """(YAML metadata, prose) of the logit loss; prose None when it was not recorded."""
     if logit_loss == "jsd":
         meta = {"logit_loss": "generalized_jsd", "beta": beta, "lmbda": lmbda}
         text = "GKD generalized Jensen-Shannon divergence"
@@ -185,7 +276,7 @@ def _logit_loss(logit_loss: str | None, beta: float | None, lmbda: float | None)
         return {k: v for k, v in meta.items() if v is not None}, text
     if logit_loss == "none":
         return {"logit_loss": "none"}, "none (cross-entropy on the gold completions, SFT host)"
-    return {}, "not recorded"
+    return {}, None
 
 
 def _selection_context(selection: UnitSelection) -> dict[str, Any]:
@@ -197,8 +288,8 @@ def _selection_context(selection: UnitSelection) -> dict[str, Any]:
             "student_layer": ls.student_layer,
             "teacher_layer": ls.teacher_layer,
             "k": ls.k if ls.indices is not None else "all",
-            "overlap": _fmt(overlaps[i]) if i < len(overlaps) else "-",
-            "share": _fmt(shares[i]) if i < len(shares) else "-",
+            "overlap": _fmt(overlaps[i]) if i < len(overlaps) else "–",
+            "share": _fmt(shares[i]) if i < len(shares) else "–",
         })  # fmt: skip
     cost = []
     if diag.get("scoring_seconds") is not None:
@@ -212,14 +303,118 @@ def _selection_context(selection: UnitSelection) -> dict[str, Any]:
         "d_t": selection.teacher_hidden_size,
         "d_s": selection.student_hidden_size,
         "order": selection.selection_order,
-        "num_samples": selection.num_samples,
-        "num_tokens": selection.num_tokens,
+        "num_samples": f"{selection.num_samples:,}",
+        "num_tokens": f"{selection.num_tokens:,}",
         "seed": selection.seed,
         "pairs": pairs,
         "cost": ", ".join(cost),
     }
 
 
+def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
+    return next((mapping[k] for k in keys if mapping.get(k) not in (None, [], {})), None)
+
+
+def _width(value: Any) -> int | None:
+    """A width from an int, a list of indices, or a list of per-layer index lists (all the same length)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, list) for v in value):
+            widths = {len(v) for v in value}
+            return widths.pop() if len(widths) == 1 else None
+        return len(value)
+    return None
+
+
+def pruned_init_sentence(selection: UnitSelection | None) -> str | None:
+    """One sentence on how a student cut out of its teacher (`selection.init`, `hf-taskdistill prune`) was cut."""
+    init = dict(getattr(selection, "init", None) or {})
+    if not init:
+        return None
+    criterion = _first(init, "criterion", "selection_method", "method") or selection.selection_method
+    k = _width(_first(init, "k", "num_units", "hidden_size", "residual_indices", "indices"))
+    mlp = _width(_first(init, "mlp_width", "intermediate_size", "mlp_indices"))
+    layers = _first(init, "layers_kept", "kept_layers", "layers")
+    teacher = as_reference(init["teacher"]) if isinstance(init.get("teacher"), Mapping) else selection.teacher
+    parts = [f"criterion `{criterion}`"]
+    if k is not None:
+        parts.append(f"K = {k} of the teacher's {selection.teacher_hidden_size} residual units")
+    if mlp is not None:
+        parts.append(f"MLP width {mlp}")
+    if isinstance(layers, list) and layers:
+        parts.append(f"{len(layers)} teacher layers kept ({', '.join(str(x) for x in layers)})")
+    elif isinstance(layers, int):
+        parts.append(f"{layers} teacher layers kept")
+    who = reference_markdown(teacher)
+    source = f"the teacher {who}" if who != "not recorded" else "its teacher"
+    return f"The student was cut out of {source} (`hf-taskdistill prune`): {', '.join(parts)}."
+
+
+# ----- the keep-k report of `hf-taskdistill select` -----
+def load_selection_report(directory: str | os.PathLike | None) -> dict[str, Any] | None:
+    """`selection_report.json` of a model directory, or None (absent, unreadable or a format this version does not
+    know, with the reason logged)."""
+    path = os.path.join(directory, REPORT_NAME) if directory is not None else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("%s is unreadable (%s): left out of the card.", REPORT_NAME, e)
+        return None
+    if not isinstance(report, dict) or report.get("format_version") != 1:
+        logger.warning("%s has an unknown format_version: left out of the card.", REPORT_NAME)
+        return None
+    return report
+
+
+def _nll_at(report: Mapping[str, Any], name: str, k: int) -> float | None:
+    grid, values = report.get("k_grid") or [], (report.get("nll") or {}).get(name)
+    if not isinstance(values, list) or len(values) != len(grid) or k not in grid:
+        return None
+    value = values[grid.index(k)]
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def selection_report_sentence(report: Mapping[str, Any] | None, k: int | None = None) -> str | None:
+    """One sentence from `selection_report.json`: the teacher's dev NLL with only the k chosen units kept (the rest
+    replaced by their mean), with k random units, and with every unit. None when the report lacks those numbers."""
+    if not report:
+        return None
+    k = k or report.get("k")
+    criterion = report.get("criterion")
+    chosen = _nll_at(report, criterion, k) if criterion and k else None
+    if chosen is None:
+        return None
+    d_t, layer = report.get("d_t"), report.get("layer")
+    where = f" at teacher layer {layer}" if layer is not None else ""
+    text = f"Keeping {k} of {d_t} units{where} (`{criterion}` scores) leaves the dev NLL per token at {chosen:.3f}"
+    random_nll = _nll_at(report, "random", k)
+    if random_nll is not None:
+        text += f"; {k} random units give {random_nll:.3f}"
+    full = report.get("full_teacher_nll")
+    if isinstance(full, (int, float)):
+        text += f"; the full teacher {full:.3f}"
+    floor = report.get("mean_floor_nll")
+    if isinstance(floor, (int, float)):
+        text += f" (every unit at its mean: {floor:.3f})"
+    n, tokens = report.get("num_examples"), report.get("num_tokens")
+    if isinstance(n, int):
+        text += f", on {n:,} dev examples" + (f" ({tokens:,} tokens)" if isinstance(tokens, int) else "")
+    text += "."
+    pruned = report.get("pruned")
+    if isinstance(pruned, Mapping) and isinstance(pruned.get("nll_before"), (int, float)):
+        text += f" The student cut at these units starts at {pruned['nll_before']:.3f}"
+        if isinstance(pruned.get("nll_after"), (int, float)):
+            steps = pruned.get("recovery_steps")
+            text += f" and reaches {pruned['nll_after']:.3f}" + (f" after {steps} recovery steps" if steps else "")
+        text += "."
+    return text
+
+
+# ----- the unit-score plot -----
 def load_scores(selection: UnitSelection | None, directory: str | os.PathLike | None = None):
     """The full (d_T,) score vector per layer pair: `selection.full_scores`, else the scores sidecar, else None."""
     if selection is not None and selection.full_scores is not None:
@@ -234,7 +429,9 @@ def load_scores(selection: UnitSelection | None, directory: str | os.PathLike | 
 
 
 def plot_unit_scores(selection: UnitSelection, scores, path: str | os.PathLike) -> str | None:
-    """Save a PNG of every teacher unit's score, selected units highlighted, one panel per layer pair.
+    """Save a PNG of every teacher unit's score, one row per layer pair: by unit index (selected units highlighted,
+    the cut-off score as a line) and sorted in descending order (the k-th score marked), which shows how close the
+    scores around the cut-off are. Titles give the number of scoring examples and tokens.
 
     Returns the path, or None (with the reason logged) when there is nothing to plot.
     """
@@ -247,36 +444,73 @@ def plot_unit_scores(selection: UnitSelection, scores, path: str | os.PathLike) 
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     n = len(selection.layers)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.6 * n), squeeze=False)
-    for ax, ls, s in zip(axes[:, 0], selection.layers, scores, strict=True):
+    fig, axes = plt.subplots(n, 2, figsize=(11, 3.0 * n), squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
+    samples = f"{selection.num_samples:,} scoring examples, {selection.num_tokens:,} completion tokens"
+    for (ax, ax_sorted), ls, s in zip(axes, selection.layers, scores, strict=True):
         values = s.detach().float().cpu().numpy()
         chosen = sorted(ls.indices or [])
         rest = sorted(set(range(len(values))) - set(chosen))
-        ax.scatter(rest, values[rest], s=6, color="0.65", label="not selected")
-        ax.scatter(chosen, values[chosen], s=10, color="tab:orange", label=f"selected (k={len(chosen)})")
+        k = len(chosen)
+        label = f"student layer {ls.student_layer} <- teacher layer {ls.teacher_layer}"
+        ax.scatter(rest, values[rest], s=6, color="0.65", label=f"not selected ({len(rest)})")
+        ax.scatter(chosen, values[chosen], s=10, color="tab:orange", label=f"selected (k={k})")
         if chosen:
-            ax.axhline(values[chosen].min(), color="tab:orange", lw=0.8, ls="--")
-        ax.set_title(f"student layer {ls.student_layer} <- teacher layer {ls.teacher_layer}", fontsize=10, loc="right")
+            cut = float(values[chosen].min())
+            ax.axhline(cut, color="tab:orange", lw=0.8, ls="--", label=f"cut-off: k-th score {cut:.3g}")
+        ax.set_title(f"{label}: score per unit", fontsize=9, loc="left")
         ax.set_xlabel("teacher unit")
         ax.set_ylabel(f"score ({selection.selection_method})")
-        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=2, fontsize=8, frameon=False)
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+        ranked = np.sort(values)[::-1]
+        ax_sorted.plot(np.arange(1, len(ranked) + 1), ranked, color="0.3", lw=1.0, label="scores, sorted")
+        if chosen:
+            ax_sorted.axvline(k, color="tab:orange", lw=0.8, ls="--", label=f"k = {k}")
+            ax_sorted.scatter([k], [ranked[k - 1]], s=14, color="tab:orange", zorder=3)
+            if k < len(ranked):
+                gap = ranked[k - 1] - ranked[k]
+                ax_sorted.set_title(f"sorted, descending; k-th minus (k+1)-th score: {gap:.3g} "
+                                    f"({100 * gap / max(abs(ranked[k - 1]), 1e-12):.2g}%)",
+                                    fontsize=9, loc="left")  # fmt: skip
+        ax_sorted.set_xlabel("rank")
+        ax_sorted.set_ylabel("score")
+        ax_sorted.legend(loc="upper right", fontsize=7, framealpha=0.8)
+    fig.suptitle(f"Teacher unit scores ({selection.selection_method}) over {samples}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return os.fspath(path)
 
 
+def plot_into(selection: UnitSelection, scores_dir, output_dir) -> tuple[str | None, str | None]:
+    """Write `unit_scores.png` into `output_dir` from the selection's scores (or the `scores_dir` sidecar); return
+    (file name, None) or (None, why there is no plot)."""
+    if selection.selection_method == "random":
+        return None, "No unit-score plot: the `random` baseline draws units without scoring them."
+    if selection.selection_method == "projector":
+        return None, "No unit-score plot: the projector baseline matches the whole teacher layer (no selection)."
+    scores = load_scores(selection, scores_dir)
+    if scores is None or all(float(s.abs().sum()) == 0 for s in scores):
+        return None, f"No unit-score plot: the raw scores (`{SCORES_NAME}`) were not saved with this model."
+    if plot_unit_scores(selection, scores, os.path.join(output_dir, PLOT_NAME)) is None:
+        return None, "No unit-score plot: matplotlib is not installed."
+    return PLOT_NAME, None
+
+
+# ----- the card -----
 def build_model_card(
     selection: UnitSelection | Mapping | None = None,
     *,
     model_name: str | None = None,
     repo_id: str | None = None,
-    base_model: str | None = None,
+    base_model: str | Mapping | None = None,
+    teacher: Mapping | None = None,
     teacher_id: str | None = None,
     teacher_revision: str | None = None,
     dataset_name: str | list[str] | None = None,
+    data: Mapping[str, Any] | None = None,
     logit_loss: str | None = None,
     beta: float | None = None,
     lmbda: float | None = None,
@@ -288,6 +522,8 @@ def build_model_card(
     eval_results: Any = None,
     plot_file: str | None = None,
     no_plot_reason: str | None = None,
+    selection_report: Mapping[str, Any] | None = None,
+    report_plot_file: str | None = None,
     library_name: str = "transformers",
     trainer_name: str | None = None,
     citations: Iterable[str] = (),
@@ -295,41 +531,74 @@ def build_model_card(
 ) -> ModelCard:
     """Render the card of a distilled student.
 
+    Everything not passed is read from the selection (as `config.json["task_distill"]` stores it): the teacher
+    (`selection.teacher`), the student's starting checkpoint (`selection.student`), the training data
+    (`selection.data`), the logit loss, beta, lmbda, the feature loss and the hyperparameters
+    (`selection.training`, `selection.training["hyperparameters"]`), and how a pruned student was cut
+    (`selection.init`).
+
     Args:
         selection: the stored selection (a `UnitSelection`, or a `config.json` / `task_distill` dict); None for a
             run without feature distillation.
         model_name / repo_id: the card title and the repo id used in code snippets.
-        base_model: the student's initial checkpoint; only a Hub id reaches the YAML `base_model`.
-        teacher_id / teacher_revision: default to `selection.teacher`.
+        base_model: the student's initial checkpoint (a Hub id, a path or a reference dict); only a Hub id reaches
+            the YAML `base_model` and gets a link; a local checkpoint is shown by its folder name, never a path.
+        teacher: a `{"model_id", "revision", "local_name"}` reference; `teacher_id` / `teacher_revision` are the
+            older spelling. Default: `selection.teacher`.
+        dataset_name / data: the training data (Hub id or file name) and its description (`{"name",
+            "num_examples", ...}`); only Hub ids reach the YAML `datasets`.
         logit_loss: `"jsd"` (GKD generalized JSD, with `beta` and `lmbda`), `"none"` (cross-entropy) or None
-            (not recorded).
+            (then `selection.training`).
         hyperparameters: training settings shown as a table (name -> value; None values are skipped).
-        eval_results: see `normalize_eval_results`; rendered as a table and as `model-index`.
+        eval_results: see `normalize_eval_results` (ROUGE-L F-measure x 100); rendered as a table and as
+            `model-index`.
         plot_file: file name of the unit-score PNG next to the card (linked relatively).
         no_plot_reason: shown instead of the plot when `plot_file` is None.
+        selection_report / report_plot_file: the keep-k report of `hf-taskdistill select` (`selection_report.json`)
+            and its plot, summarised in one sentence.
         citations: extra BibTeX entries; the Flex-KD paper and TRL are always cited.
         note: a sentence shown under the title (e.g. how the card was produced).
     """
     if isinstance(selection, Mapping):
         selection = load_unit_selection(dict(selection))
-    teacher = (selection.teacher if selection is not None else None) or {}
-    teacher_id = teacher_id or teacher.get("model_id")
-    teacher_revision = teacher_revision or teacher.get("revision")
+    training = dict(selection.training if selection is not None else {})
+    if teacher is None:
+        teacher = {"model_id": teacher_id, "revision": teacher_revision} if teacher_id else None
+    teacher_ref = as_reference(teacher if teacher is not None else (selection.teacher if selection else None))
+    if teacher_revision and teacher_ref["model_id"] and not teacher_ref["revision"]:
+        teacher_ref["revision"] = teacher_revision
+    student_raw = base_model if base_model is not None else (selection.student if selection else None)
+    student_ref = as_reference(student_raw)
+    student_text = reference_markdown(student_ref)
+    fresh = _fresh_student_source(student_raw, student_ref, teacher_ref, selection)
+    if fresh is not None:  # random weights from a config: no checkpoint to name as base_model
+        student_ref = as_reference(None)
+        student_text = fresh
+    data = dict(data if data is not None else (selection.data if selection is not None else {}) or {})
+    logit_loss = logit_loss or training.get("logit_loss")
+    if logit_loss == "jsd":
+        beta = beta if beta is not None else training.get("beta")
+        lmbda = lmbda if lmbda is not None else training.get("lmbda")
+    feature_loss_type = feature_loss_type or training.get("feature_loss_type")
+    if feature_loss_weight is None:
+        feature_loss_weight = training.get("feature_loss_weight")
+    if hyperparameters is None:
+        hyperparameters = training.get("hyperparameters")
     repo_id = repo_id or model_name or "path/to/this-model"
     model_name = model_name or repo_id.split("/")[-1]
-    datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
+    data_text, hub_datasets = _data_context(data, dataset_name)
     rows = normalize_eval_results(eval_results)
     method_key, method_text = _method(selection, feature_loss_weight, logit_loss)
     logit_meta, logit_text = _logit_loss(logit_loss, beta, lmbda)
     feature_active = method_key not in ("logit-only", "sft")
 
     distillation: dict[str, Any] = {"method": method_key}
-    if teacher_id:  # a local teacher path is reduced to its folder name
-        distillation["teacher"] = (
-            teacher_id if is_hub_id(teacher_id) else os.path.basename(os.path.normpath(teacher_id))
-        )
-    if teacher_revision:
-        distillation["teacher_revision"] = teacher_revision
+    if teacher_ref["model_id"]:
+        distillation["teacher"] = teacher_ref["model_id"]
+        if teacher_ref["revision"]:
+            distillation["teacher_revision"] = teacher_ref["revision"]
+    elif teacher_ref["local_name"]:
+        distillation["teacher_local_name"] = teacher_ref["local_name"]
     distillation.update(logit_meta)
     objective = feature_text = None
     if logit_loss in ("jsd", "none"):
@@ -343,10 +612,12 @@ def build_model_card(
             feature_text = f"{feature_loss_type}, weight {_fmt(feature_loss_weight)}"
             if objective:
                 objective += f" + {_fmt(feature_loss_weight)} * {feature_loss_type} loss(student, teacher units)"
+    if selection is not None and selection.init:
+        distillation["init"] = "pruned-from-teacher"
 
     card_data = ModelCardData(
-        base_model=base_model if is_hub_id(base_model) else None,
-        datasets=[d for d in datasets if is_hub_id(d)] or None,
+        base_model=student_ref["model_id"],
+        datasets=hub_datasets or None,
         library_name=library_name,
         license=license,
         model_name=model_name,
@@ -355,26 +626,29 @@ def build_model_card(
         eval_results=eval_results_metadata(rows) or None,
         distillation=distillation,
     )
-    data_links = [f"[{d}](https://huggingface.co/datasets/{d})" if is_hub_id(d) else f"`{os.path.basename(d)}`"
-                  for d in datasets]  # fmt: skip
-    teacher_text = _name(teacher_id, teacher_revision)
+    teacher_text = reference_markdown(teacher_ref)
+    recorded = teacher_text != "not recorded"
     context = {
         "card_data": card_data.to_yaml(),
         "model_name": model_name,
         "repo_id": repo_id,
-        "student": _name(base_model),
-        "base_is_hub": is_hub_id(base_model),
+        "student": student_text,
+        "base_is_hub": bool(student_ref["model_id"]),
+        "student_fresh": fresh is not None,
         "teacher": teacher_text,
-        "teacher_prose": f"the teacher {teacher_text}" if teacher_id else "a teacher whose id was not recorded",
+        "teacher_prose": f"the teacher {teacher_text}" if recorded else "a teacher whose id was not recorded",
         "note": note,
-        "datasets": ", ".join(data_links) or "not recorded",
+        "datasets": data_text,
         "method": method_text,
-        "logit_loss": logit_text,
+        "logit_loss": logit_text or "not recorded",
         "feature_loss": feature_text,
         "objective": objective,
         "selection": _selection_context(selection) if feature_active else None,
+        "pruned": pruned_init_sentence(selection),
         "plot_file": plot_file,
         "no_plot_reason": no_plot_reason,
+        "report_sentence": selection_report_sentence(selection_report, selection.k if selection else None),
+        "report_plot_file": report_plot_file,
         "hyperparameters": [(k, _fmt(v)) for k, v in (hyperparameters or {}).items() if v is not None],
         "eval_table": eval_table_markdown(rows) if rows else None,
         "versions": _versions(),
@@ -388,6 +662,27 @@ def build_model_card(
     template = resources.files("hf_taskdistill").joinpath("templates/model_card.md").read_text(encoding="utf-8")
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     return ModelCard(env.from_string(template).render(**context))
+
+
+def missing_card_fields(selection: UnitSelection | None) -> list[str]:
+    """What a card built from `config.json` alone cannot state: the names of the facts the selection lacks."""
+    if selection is None:
+        return ["the unit selection", "the teacher", "the student", "the training data", "the logit loss",
+                "the training hyperparameters"]  # fmt: skip
+    training = selection.training or {}
+    missing = []
+    if not (as_reference(selection.teacher)["model_id"] or as_reference(selection.teacher)["local_name"]):
+        missing.append("the teacher")
+    student = selection.student or {}
+    if not (student.get("config_from") or reference_text(as_reference(student))):
+        missing.append("the student's starting checkpoint")
+    if not (selection.data or {}).get("name"):
+        missing.append("the training data")
+    if training.get("logit_loss") not in ("jsd", "none"):
+        missing.append("the logit loss")
+    if not training.get("hyperparameters"):
+        missing.append("the training hyperparameters")
+    return missing
 
 
 def _trainer_hyperparameters(args) -> dict[str, Any]:
@@ -425,18 +720,21 @@ def write_trainer_model_card(trainer, model_name=None, dataset_name=None, tags=N
     output_dir = args.output_dir
     os.makedirs(output_dir, exist_ok=True)
 
-    teacher = getattr(trainer, "_fd_teacher", None)
-    teacher_id = (selection.teacher.get("model_id") if selection else None) or args.teacher_model_name_or_path
-    if not teacher_id and teacher is not None:
-        teacher_id = getattr(teacher.config, "_name_or_path", None) or None
-    teacher_revision = (selection.teacher.get("revision") if selection else None) or (
-        getattr(teacher.config, "_commit_hash", None) if teacher is not None else None
-    )
+    teacher_model = getattr(trainer, "_fd_teacher", None)
+    teacher = as_reference(selection.teacher) if selection is not None else None
+    if not teacher or not (teacher["model_id"] or teacher["local_name"]):
+        teacher = as_reference(args.teacher_model_name_or_path or teacher_model)
+    student: Any = dict(selection.student) if selection is not None and selection.student else None
+    if kwargs.get("finetuned_from"):
+        student = as_reference(kwargs["finetuned_from"])
+    elif not student or not (student.get("config_from") or reference_text(as_reference(student))):
+        student = as_reference(model)
     host = getattr(trainer, "_host_loss_name", None)
     logit_loss = {"jsd_loss": "jsd", "ce_loss": "none"}.get(host)
     plot_file, reason = None, None
     if selection is not None and args.feature_loss_weight > 0:
-        plot_file, reason = _plot_into(selection, output_dir, output_dir)
+        plot_file, reason = plot_into(selection, output_dir, output_dir)
+    report, report_plot = load_selection_report(output_dir), os.path.join(output_dir, REPORT_PLOT_NAME)
     citations = list(kwargs.get("citations") or [])
     if logit_loss == "jsd":
         from trl.experimental.gkd import GKDTrainer
@@ -447,9 +745,8 @@ def write_trainer_model_card(trainer, model_name=None, dataset_name=None, tags=N
         selection,
         model_name=model_name or (hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.normpath(output_dir))),
         repo_id=hub_id,
-        base_model=kwargs.get("finetuned_from") or getattr(model.config, "_name_or_path", None),
-        teacher_id=teacher_id,
-        teacher_revision=teacher_revision,
+        base_model=student,
+        teacher=teacher,
         dataset_name=dataset_name or kwargs.get("dataset"),
         logit_loss=logit_loss,
         beta=getattr(args, "beta", None) if logit_loss == "jsd" else None,
@@ -462,6 +759,8 @@ def write_trainer_model_card(trainer, model_name=None, dataset_name=None, tags=N
         eval_results=kwargs.get("eval_results"),
         plot_file=plot_file,
         no_plot_reason=reason,
+        selection_report=report,
+        report_plot_file=REPORT_PLOT_NAME if report and os.path.isfile(report_plot) else None,
         library_name="peft" if is_peft else "transformers",
         trainer_name=getattr(trainer, "_name", None),
         citations=citations,
@@ -470,17 +769,3 @@ def write_trainer_model_card(trainer, model_name=None, dataset_name=None, tags=N
         card.data.language = kwargs["language"]
     card.save(os.path.join(output_dir, "README.md"))
     return card
-
-
-def _plot_into(selection: UnitSelection, scores_dir, output_dir) -> tuple[str | None, str | None]:
-    """Write `unit_scores.png` into `output_dir`; return (file name, None) or (None, why there is no plot)."""
-    if selection.selection_method == "random":
-        return None, "No unit-score plot: the `random` baseline draws units without scoring them."
-    if selection.selection_method == "projector":
-        return None, "No unit-score plot: the projector baseline matches the whole teacher layer (no selection)."
-    scores = load_scores(selection, scores_dir)
-    if scores is None or all(float(s.abs().sum()) == 0 for s in scores):
-        return None, f"No unit-score plot: the raw scores (`{SCORES_NAME}`) were not saved with this model."
-    if plot_unit_scores(selection, scores, os.path.join(output_dir, PLOT_NAME)) is None:
-        return None, "No unit-score plot: matplotlib is not installed."
-    return PLOT_NAME, None

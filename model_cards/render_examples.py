@@ -3,8 +3,10 @@
     HF_HUB_OFFLINE=1 python model_cards/render_examples.py
 
 Each example trains a tiny student for a few steps on the generated toy task (`hf_taskdistill.toy`), then writes the
-card and the unit-score plot exactly as `trainer.push_to_hub()` would, and copies them here. No real data or model;
-the numbers in the cards (scores, timings) describe these toy runs only.
+card and the unit-score plot exactly as `trainer.push_to_hub()` would (`grad_gkd`, `grad_x_act_sft`), or as
+`hf-taskdistill push` generates it from the saved directory's `config.json` (`push_generated`, with a keep-k
+`selection_report.json`; written with `push --dry_run`, no network), and copies them here. No real data or model;
+the numbers in the cards (scores, NLLs, timings) describe these toy runs only.
 """
 
 import json
@@ -40,7 +42,26 @@ EXAMPLES = {
         to_prompt_completion,
         {"selection_method": "grad_x_act", "feature_layers": [0, 1, 1, 2], "feature_loss_type": "mse"},
     ),
+    "push_generated": (FeatureDistillTrainer, to_messages, {"selection_method": "grad", "beta": 0.0}),
 }
+EVAL = {"protocol": {"seeds": [10]}, "sets": {"toy": {"n": 64, "rougeL": {"mean": 41.237, "std": None}}}}
+
+
+def _keep_k_report(trainer, model_dir: Path) -> None:
+    """`selection_report.json` / `.png` of the toy teacher into `model_dir` (skipped if `hf_taskdistill.report` is
+    unavailable)."""
+    try:
+        from hf_taskdistill.report import keep_k_curve, write_report
+    except ImportError as e:
+        print(f"no keep-k report ({e})")
+        return
+    batches = trainer._scoring_batches()
+    selection = trainer.unit_selection
+    layer = selection.layers[0]
+    report = keep_k_curve(trainer._fd_teacher, batches[: len(batches) // 2], batches[len(batches) // 2 :],
+                          layer.teacher_layer, {selection.selection_method: selection.full_scores[0]},
+                          k=selection.k, seed=0)  # fmt: skip
+    write_report(report, model_dir)
 
 
 def render(name: str, work: Path) -> None:
@@ -74,14 +95,28 @@ def render(name: str, work: Path) -> None:
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
+        dataset_name="toy_task.jsonl",  # a label for the card; never a path
     )
     trainer.train()
     trainer.save_model()
-    trainer.create_model_card(dataset_name=str(data_file), license="apache-2.0")
     target = HERE / name
     target.mkdir(exist_ok=True)
-    for file in ("README.md", "unit_scores.png"):
-        shutil.copy(work / "out" / file, target / file)
+    if name == "push_generated":  # the card `hf-taskdistill push` makes from config.json alone
+        from hf_taskdistill.hub import push_distilled
+
+        _keep_k_report(trainer, work / "out")
+        dry = work / "dry_run"
+        push_distilled(work / "out", trainer.args.hub_model_id, dry_run_dir=dry, license="apache-2.0",
+                       eval_results=EVAL)  # fmt: skip
+        files = ["README.md", "unit_scores.png"] + (
+            ["selection_report.png"] if (dry / "selection_report.png").exists() else []
+        )
+        for file in files:
+            shutil.copy(dry / file, target / file)
+    else:
+        trainer.create_model_card(dataset_name=str(data_file), license="apache-2.0")
+        for file in ("README.md", "unit_scores.png"):
+            shutil.copy(work / "out" / file, target / file)
     print(f"wrote {target}")
 
 

@@ -67,3 +67,81 @@ def test_aggregate_pools_training_and_generation_seeds(quality, tmp_path):
     assert lines[-1] == "| kd_units | 2.50 ± 1.29 | 2.00 ± 1.41 | 2.00 ± 1.41 | 2.00 ± 1.41 | 2 | 15.0 |"
     with open(os.path.join(out, "results.md")) as f:
         assert f.read().strip() == summary["table"]
+
+
+# ----- the second design (benchmarks/quality2.py): paired differences and aggregation -----
+@pytest.fixture(scope="module")
+def quality2():
+    spec = importlib.util.spec_from_file_location("quality2", os.path.join(ROOT, "benchmarks", "quality2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(arm, seed, nll, correct, tokens, rouge=None):
+    summary = {"nll": sum(nll) / sum(tokens), "accuracy": 100 * sum(correct) / sum(tokens)}
+    return {"arm": arm, "seed": seed, "train_seconds": 1.0, "eval_seconds": 1.0, "dev_summary": summary,
+            "dev": {"nll": nll, "correct": correct, "tokens": tokens},
+            "rouge": None if rouge is None else {"per_example": {"rougeL": rouge},
+                                                 "mean": {"rougeL": sum(rouge) / len(rouge)}}}  # fmt: skip
+
+
+def test_paired_difference_is_per_token_and_paired(quality2):
+    tokens = [10, 20, 30, 40]
+    y = [5.0, 9.0, 20.0, 8.0]
+    x = [v - 0.1 * t for v, t in zip(y, tokens, strict=True)]  # x better by exactly 0.1 nats on every token
+    r = quality2.paired_difference(x, y, tokens, n_boot=500)
+    assert r["diff"] == pytest.approx(-0.1) and r["ci95"] == pytest.approx([-0.1, -0.1])
+    assert r["excludes_zero"] and r["n_examples"] == 4 and r["n_seeds"] == 1
+    # the examples differ a lot from each other, but pairing removes that: a noisy unpaired gap would not
+    noisy = quality2.paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1, 1, 1, 1], n_boot=500)
+    assert noisy["diff"] == pytest.approx(0.0) and not noisy["excludes_zero"]
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    # two seeds: the mean of the per-seed differences; one resampling of the examples for both seeds
+    pooled = quality2.paired_difference([x, y], [y, y], tokens, n_boot=500)
+    assert pooled["per_seed"] == pytest.approx([-0.1, 0.0]) and pooled["diff"] == pytest.approx(-0.05)
+    assert pooled["ci95"] == pytest.approx([-0.05, -0.05])
+    with pytest.raises(ValueError, match="equal shapes"):
+        quality2.paired_difference(x, y[:3], tokens)
+    assert quality2.per_token([1.0, 3.0], [2, 2]) == 1.0
+    assert quality2.gap_closed(start=9.0, arm=5.0, teacher=1.0) == 0.5 and quality2.gap_closed(2.0, 1.0, 2.0) is None
+
+
+def test_compare_runs_pairs_shared_seeds_and_refuses_unpaired(quality2):
+    tokens = [4, 4, 2]
+    runs = {
+        "A": {0: _run("A", 0, [4.0, 4.0, 2.0], [1, 1, 0], tokens, rouge=[10.0, 20.0, 30.0]),
+              1: _run("A", 1, [4.0, 4.0, 2.0], [1, 1, 0], tokens, rouge=[10.0, 20.0, 30.0])},
+        "C": {0: _run("C", 0, [2.0, 2.0, 1.0], [2, 2, 1], tokens, rouge=[12.0, 22.0, 32.0])},
+    }  # fmt: skip
+    (row,) = quality2.compare_runs(runs)  # only C - A has both arms, on seed 0 only
+    assert row["x"] == "C" and row["y"] == "A" and row["seeds"] == [0]
+    assert row["nll"]["pooled"]["diff"] == pytest.approx(-0.5)  # 5 nats fewer over 10 tokens
+    assert row["accuracy"]["pooled"]["diff"] == pytest.approx(30.0)  # 3 more correct of 10, in points
+    assert row["rougeL"]["pooled"]["diff"] == pytest.approx(2.0)
+    runs["C"][0]["dev"]["tokens"] = [4, 4, 3]
+    with pytest.raises(ValueError, match="not paired"):
+        quality2.compare_runs(runs)
+
+
+def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
+    out = str(tmp_path / "res")
+    args = quality2.settings(["--profile", "tiny", "--output_dir", out, "--arms", "A", "B", "C", "--seeds", "0"])
+    tokens = [5, 5]
+    for arm, nll in (("A", [10.0, 10.0]), ("C", [8.0, 9.0])):
+        _write(os.path.join(out, "runs", "seed0", f"{arm}.json"), _run(arm, 0, nll, [1, 2], tokens))
+    for name, nll in (("teacher", [5.0, 5.0]), ("task", [15.0, 15.0]), ("activation", [15.0, 15.0])):
+        _write(os.path.join(out, "reference", f"{name}.json"),
+               {"name": name, "eval_seconds": 1.0, **_run(name, 0, nll, [0, 0], tokens)})  # fmt: skip
+    summary = quality2.aggregate(args)
+    assert summary["arms"]["C"]["nll"] == [1.7] and summary["arms"]["C"]["gap_closed"] == pytest.approx(0.65)
+    assert summary["arms"]["A"]["gap_closed"] == pytest.approx(0.5)
+    assert [(c["x"], c["y"]) for c in summary["comparisons"]] == [("C", "A")]
+    assert summary["missing"] == ["B/seed0"]
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "| C - A | our method vs the Minitron-style anchor | 0 | -0.3000 [" in md and "**Partial**" in md
+    _write(os.path.join(out, "settings.json"), {"steps": 4, "batch_size": 2})
+    quality2.check_resume(args)  # same settings: resumes
+    with pytest.raises(SystemExit, match="steps: 4 there, 8 now"):
+        quality2.check_resume(quality2.settings(["--profile", "tiny", "--output_dir", out, "--steps", "8"]))

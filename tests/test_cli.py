@@ -7,6 +7,7 @@ models are the toy Llamas of `hf_taskdistill.toy` saved to disk, so the CLI load
 import json
 import os
 import pathlib
+import re
 import runpy
 import subprocess
 import sys
@@ -166,6 +167,7 @@ def test_eval_prints_the_table_and_writes_json(workspace, trained, tmp_path, cap
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "dolly" in printed and "|" in printed and f"Results written to {results_path}" in printed
+    assert "(–)" in printed and "(0.00)" not in printed and "One generation seed: no std" in printed
     results = json.loads(results_path.read_text())
     entry = results["sets"]["dolly"]
     assert entry["n"] == 4 and entry["rougeL"]["per_seed"] and 0 <= entry["rougeL"]["mean"] <= 100
@@ -177,7 +179,7 @@ def test_long_examples_are_fitted_to_max_length(tokenizer):
     from datasets import Dataset
     from trl.experimental.utils import DataCollatorForChatML
 
-    from hf_taskdistill.scripts.common import fit_to_max_length
+    from hf_taskdistill.data import fit_to_max_length
     from hf_taskdistill.toy import make_toy_examples, to_messages, to_prompt_completion
 
     long_answer = {"instruction": "please do copy : the list", "input": "a b", "output": " ".join("abcdefgh" * 5)}
@@ -188,8 +190,9 @@ def test_long_examples_are_fitted_to_max_length(tokenizer):
     with pytest.raises(ValueError, match="no prompt tokens left"):
         collator([messages[4]])
 
-    fitted = fit_to_max_length(messages, tokenizer, 40)
+    fitted, counts = fit_to_max_length(messages, tokenizer, 40, return_counts=True)
     assert len(fitted) == 5  # the long prompt is dropped, everything else kept
+    assert (counts.total, counts.truncated, counts.dropped, counts.kept) == (6, 1, 1, 5)
     assert fitted[:4]["messages"] == messages[:4]["messages"]  # short examples are untouched
     answer = fitted[4]["messages"][-1]["content"].split()
     assert 0 < len(answer) < 40 and answer == long_answer["output"].split()[: len(answer)]  # the start is kept
@@ -245,3 +248,60 @@ def test_top_level_help_and_light_modules_do_not_import_trl():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def _one_line_error(err: str, command: str) -> str:
+    """The single error line (progress bars may precede it on stderr); no traceback."""
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith(f"hf-taskdistill {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_user_mistakes_print_one_line_and_exit_2(workspace, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-teacher")
+    argv = ["train", "--config", workspace.recipe, "--output_dir", str(tmp_path / "o"),
+            "--teacher_model_name_or_path", missing]  # fmt: skip
+    assert main(argv) == 2
+    assert missing in _one_line_error(capsys.readouterr().err, "train")
+
+    corrupt = tmp_path / "task_distill.json"
+    corrupt.write_text(json.dumps({"format_version": 1, "selection_method": "grad", "teacher_hidden_size": 32,
+                                   "student_hidden_size": 16, "layers": [{"student_layer": 1, "teacher_layer": 2,
+                                                                           "indices": [40]}]}))  # fmt: skip
+    assert main(["train", "--config", workspace.recipe, "--output_dir", str(tmp_path / "o2"),
+                 "--selection_path", str(corrupt)]) == 2  # fmt: skip
+    assert "layers[0].indices" in _one_line_error(capsys.readouterr().err, "train")  # SelectionFormatError
+
+    assert main(["push", "--model_dir", str(tmp_path / "nothing"), "--repo_id", "org/x"]) == 2
+    assert "is not a directory" in _one_line_error(capsys.readouterr().err, "push")
+
+    assert main(["eval", "--data_dir", "x"]) == 2  # argparse: a required flag is missing
+    err = capsys.readouterr().err
+    assert "hf-taskdistill eval: error: the following arguments are required: --model_name_or_path" in err
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, capsys):
+    import hf_taskdistill.hub
+
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        main(["push", "--debug", "--model_dir", str(tmp_path / "nothing"), "--repo_id", "org/x"])
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "push", "--model_dir", str(tmp_path / "nothing"), "--repo_id", "org/x"])
+
+    def bug(argv):
+        raise TypeError("a bug, not a user mistake")
+
+    monkeypatch.setattr(hf_taskdistill.hub, "main", bug)
+    with pytest.raises(TypeError):
+        main(["push"])
+
+
+def test_demo_reports_progress_through_every_phase(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output_dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "[2/4] training the teacher (hidden 64, 4 layers) with TRL's SFTTrainer, 20 steps ..." in out
+    assert re.search(r"^      teacher: step 4/20, loss \d+\.\d{3}  \(\d+s\)$", out, flags=re.MULTILINE)
+    assert re.search(r"^      KD \+ task-selected units: step \d+/10, loss", out, flags=re.MULTILINE)
+    assert "[3/4] student (hidden 24) KD + task-selected units: scoring the teacher units, then 10 steps ..." in out
+    assert "[4/4] held-out task metrics" in out and (tmp_path / "demo" / "results.json").is_file()

@@ -9,8 +9,11 @@ from hf_taskdistill.data import (
     PASSTHROUGH_CHAT_TEMPLATE,
     PROMPT_NO_INPUT,
     SUMMARIZATION_INSTRUCTION,
+    FitCounts,
     build_prompt,
+    describe_task_data,
     ensure_chat_template,
+    fit_to_max_length,
     load_eval_set,
     load_task_dataset,
     read_jsonl,
@@ -269,3 +272,35 @@ def test_real_training_files_load(shared_data):
     assert len(load_task_dataset(shared_data / "dolly", max_samples=0.05)) == 572
     dialogsum = load_task_dataset(shared_data / "dialogsum", task="summarization", split="dev")
     assert len(dialogsum) == 500
+
+
+def test_fit_to_max_length_counts_logs_and_checks(tmp_path, tokenizer, caplog):
+    import logging
+
+    rows = [
+        {"instruction": "please do copy : the list", "input": "a b", "output": "a b"},  # fits
+        {"instruction": "please do copy : the list", "input": "a b", "output": " ".join("abcdefgh" * 5)},  # cut
+        {"instruction": "please do copy", "input": " ".join("abcdefgh" * 5), "output": "a b"},  # dropped
+    ]
+    path = write_lines(tmp_path / "dolly" / "train.jsonl", rows)
+    for fmt in ("messages", "prompt_completion"):
+        dataset = load_task_dataset(path, format=fmt)
+        with caplog.at_level(logging.INFO, logger="hf_taskdistill.data"):
+            fitted, counts = fit_to_max_length(dataset, tokenizer, 40, return_counts=True)
+        assert counts == FitCounts(total=3, truncated=1, dropped=1, kept=2, max_length=40) and len(fitted) == 2
+        assert "train: 1 of 3 completions truncated and 1 examples dropped to fit max_length=40" in caplog.text
+        caplog.clear()
+    assert fit_to_max_length(dataset, tokenizer, None) is dataset  # no window: unchanged
+    with caplog.at_level(logging.INFO, logger="hf_taskdistill.data"):
+        assert len(fit_to_max_length(dataset.select([0]), tokenizer, 40, name="dev")) == 1
+    assert "dev: all 1 examples fit max_length=40." in caplog.text
+    with pytest.raises(ValueError, match="no example fits max_length=40"):
+        fit_to_max_length(dataset.select([2]), tokenizer, 40)
+    with pytest.raises(ValueError, match="load_task_dataset"):
+        fit_to_max_length(dataset.rename_column("prompt", "question"), tokenizer, 40)
+    with pytest.raises(ValueError, match="max_length must be an integer"):
+        fit_to_max_length(dataset, tokenizer, 2)
+    record = describe_task_data(path, fitted, counts, task="instruction", template=None)
+    assert record == {"name": "dolly/train.jsonl", "num_examples": 2, "max_length": 40, "truncated": 1,
+                      "dropped": 1, "task": "instruction"}  # fmt: skip
+    assert str(tmp_path) not in json.dumps(record)

@@ -170,7 +170,9 @@ def test_evaluate_model_structure(model, tokenizer, tmp_path, monkeypatch):
     assert protocol["rouge_impl"] and UNNI_NOTE in protocol["notes"]
 
     table = format_results_table(results)
-    assert table.splitlines()[0] == "| set | n | ROUGE-L mean (std) | ROUGE-1 mean (std) | ROUGE-2 mean (std) |"
+    assert table.splitlines()[0] == (
+        "| set | n | ROUGE-L F1 (x100) mean (std) | ROUGE-1 F1 (x100) mean (std) | ROUGE-2 F1 (x100) mean (std) |"
+    )
     assert re.search(r"\| dolly \| 3 \| \d+\.\d\d \(\d+\.\d\d\) \| - \| - \|", table)
     assert "not MiniLLM's UnNI" in table
 
@@ -181,15 +183,32 @@ def test_evaluate_model_structure(model, tokenizer, tmp_path, monkeypatch):
         model, tokenizer, {"dolly": EXAMPLES}, seeds=(10, 20), do_sample=False, max_samples=2, **GEN
     )
     assert greedy["protocol"]["seeds"] == [10] and greedy["sets"]["dolly"]["n"] == 2
-    assert greedy["sets"]["dolly"]["rougeL"]["std"] == 0.0 and "temperature" not in greedy["protocol"]["decoding"]
+    assert greedy["sets"]["dolly"]["rougeL"]["std"] is None and "temperature" not in greedy["protocol"]["decoding"]
+    assert re.search(r"\| dolly \| 2 \| \d+\.\d\d \(–\) \|", format_results_table(greedy))  # no "(0.00)"
+    assert protocol["rouge_scale"] == "x100"
 
 
 def test_format_results_table_by_hand():
     results = {"sets": {"vicuna": {"n": 80, "rougeL": {"mean": 15.254, "std": 0.3333, "per_seed": []}}}}
     assert (
         format_results_table(results)
-        == "| set | n | ROUGE-L mean (std) |\n|---|---|---|\n| vicuna | 80 | 15.25 (0.33) |"
+        == "| set | n | ROUGE-L F1 (x100) mean (std) |\n|---|---|---|\n| vicuna | 80 | 15.25 (0.33) |"
     )
+
+
+def test_one_seed_has_no_std_and_rouge_is_x100(model, tokenizer, monkeypatch, caplog):
+    """A single seed reports std None ("–"), never 0.00; a perfect answer scores 100, not 1; absl stays quiet."""
+    import logging
+
+    monkeypatch.setattr(evaluation, "_evaluate_rouge", False)
+    monkeypatch.setattr(evaluation, "generate_responses", lambda model, tok, prompts, seed, **kw: ["a b", "x", "e"])
+    caplog.set_level(logging.INFO)
+    results = evaluate_model(model, tokenizer, {"dolly": EXAMPLES}, seeds=(10,), **GEN)
+    entry = results["sets"]["dolly"]["rougeL"]
+    assert entry["std"] is None and entry["mean"] == pytest.approx(200 / 3)  # 100, 0, 100 -> x100 scale
+    assert "One generation seed: no std." in results["protocol"]["notes"]
+    assert format_results_table(results).splitlines()[-1] == "| dolly | 3 | 66.67 (–) |"
+    assert "Using default tokenizer" not in caplog.text
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
@@ -220,7 +239,7 @@ def test_eval_cli_end_to_end(tmp_path, tokenizer, student, capsys, monkeypatch):
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| set | n | ROUGE-L mean (std) |" in printed and "| unni_slice | 3 |" in printed
+    assert "| set | n | ROUGE-L F1 (x100) mean (std) |" in printed and "| unni_slice | 3 |" in printed
     results = json.loads(output.read_text())
     assert set(results["sets"]) == {"dolly", "unni_slice"} and results["protocol"]["seeds"] == [10, 20]
     assert len(results["sets"]["dolly"]["predictions"]["20"]) == 3

@@ -148,7 +148,9 @@ def test_training_from_the_cache_matches_one_process(runs, host):
     for key in ("feature_loss", host_key):
         two = [h[key] for h in runs["r0"][f"{host}_units"]["losses"] if key in h]
         one = [h[key] for h in runs["ref"][f"{host}_units"]["losses"] if key in h]
-        assert len(two) == len(one) > 0 and all(abs(a - b) <= 1e-5 * abs(b) + 1e-7 for a, b in zip(two, one)), key
+        assert len(two) == len(one) > 0 and all(
+            abs(a - b) <= 1e-5 * abs(b) + 1e-7 for a, b in zip(two, one, strict=True)
+        ), key
 
 
 @pytest.mark.parametrize("host", HOSTS)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from ..config import TaskFeatureDistillConfig
+from ..data import fit_to_max_length  # public in hf_taskdistill.data; imported here for the CLI
 
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,22 @@ def make_parser(prog: str) -> TrlParser:
     return TrlParser((DistillScriptArguments, TaskFeatureDistillConfig, ModelConfig), prog=prog)
 
 
+def check_model_paths(model_args: ModelConfig, training_args: TaskFeatureDistillConfig) -> None:
+    """Fail fast, naming the path, when the student or teacher is neither an existing local path nor a Hub id."""
+    import os
+
+    from ..provenance import is_hub_id
+
+    for flag, name in (("--model_name_or_path", model_args.model_name_or_path),
+                       ("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)):  # fmt: skip
+        if not isinstance(name, str) or os.path.exists(name):
+            continue
+        # `local/teacher` reads as a Hub id, but when a local folder `local/` exists it is meant as a path.
+        parent = os.path.dirname(os.path.normpath(name))
+        if not is_hub_id(name) or (parent and os.path.isdir(parent)):
+            raise FileNotFoundError(f"{flag} {name!r}: no such local directory (and not a Hub repo id).")
+
+
 def load_tokenizer(
     script_args: DistillScriptArguments, model_args: ModelConfig, training_args: TaskFeatureDistillConfig
 ):
@@ -105,60 +122,20 @@ def load_student(
     )
 
 
-def fit_to_max_length(dataset, tokenizer, max_length: int | None, name: str = "train"):
-    """Fit each example into `max_length` tokens, like MiniLLM's preprocessing: an example too long for the window is
-    dropped when its prompt takes more than half of it, else its completion is truncated (first tokens kept).
-
-    Without it TRL's GKD collator keeps the *last* `max_length` tokens (the prompt's start goes first) and raises
-    when a completion alone fills the window. Both hosts get the same examples.
-    """
-    if max_length is None:
-        return dataset
-    prompt_key = "messages" if "messages" in dataset.column_names else "prompt"
-
-    def fit(example):
-        if prompt_key == "messages":
-            prompt, completion = example["messages"][:-1], example["messages"][-1]["content"]
-        else:
-            prompt, completion = example["prompt"], example["completion"]
-            completion = completion if isinstance(completion, str) else completion[-1]["content"]
-        if not isinstance(prompt, str):
-            prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        budget = max_length - n_prompt - 4  # room for the end-of-turn / eos tokens
-        cut = len(ids) > budget
-        keep = not cut or n_prompt <= max_length // 2  # an example that fits is always kept
-        cut = cut and keep
-        if cut:
-            completion = tokenizer.decode(ids[:budget])
-            if prompt_key == "messages":
-                example["messages"][-1]["content"] = completion
-            elif isinstance(example["completion"], str):
-                example["completion"] = completion
-            else:
-                example["completion"][-1]["content"] = completion
-        return {**example, "_keep": keep, "_cut": cut}
-
-    dataset = dataset.map(fit)
-    n_cut, n_drop = sum(dataset["_cut"]), len(dataset) - sum(dataset["_keep"])
-    dataset = dataset.filter(lambda e: e["_keep"]).remove_columns(["_keep", "_cut"])
-    if n_cut or n_drop:
-        logger.warning(
-            f"{name}: {n_cut} completions truncated and {n_drop} examples dropped (too long, and the prompt "
-            f"over half of max_length={max_length}); {len(dataset)} examples left. Raise --max_length to keep more."
-        )
-    return dataset
-
-
 def load_datasets(
-    script_args: DistillScriptArguments, training_args: TaskFeatureDistillConfig, fmt: str, tokenizer=None
+    script_args: DistillScriptArguments,
+    training_args: TaskFeatureDistillConfig,
+    fmt: str,
+    tokenizer=None,
+    return_description: bool = False,
 ):
     """(train, eval) datasets in the trainer's format: `messages` (GKD host) or `prompt_completion` (SFT host).
 
-    With a tokenizer, examples are fitted to `max_length` ([`fit_to_max_length`]).
+    With a tokenizer, examples are fitted to `max_length` ([`hf_taskdistill.data.fit_to_max_length`]). With
+    `return_description`, a third item: the training-data record for the model card
+    ([`hf_taskdistill.data.describe_task_data`]: name, examples, truncation counts; never a local path).
     """
-    from ..data import load_task_dataset
+    from ..data import describe_task_data, load_task_dataset
 
     source = script_args.train_file or script_args.dataset_name
     if source is None:
@@ -169,8 +146,13 @@ def load_datasets(
     evaluation = None
     if script_args.eval_file and training_args.eval_strategy != "no":
         evaluation = load_task_dataset(script_args.eval_file, **common)
+    counts = None
     if tokenizer is not None:
-        train = fit_to_max_length(train, tokenizer, training_args.max_length)
+        train, counts = fit_to_max_length(train, tokenizer, training_args.max_length, return_counts=True)
         if evaluation is not None:
             evaluation = fit_to_max_length(evaluation, tokenizer, training_args.max_length, name="eval")
-    return train, evaluation
+    if not return_description:
+        return train, evaluation
+    description = describe_task_data(source, train, counts, task=script_args.task,
+                                     template=script_args.prompt_template, max_samples=script_args.max_train_samples)  # fmt: skip
+    return train, evaluation, description

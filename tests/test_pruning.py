@@ -364,3 +364,27 @@ def test_benchmark_plan_and_table(tmp_path, monkeypatch):
     bench.write_table()
     table = (tmp_path / "results.md").read_text()
     assert "| 288 | 1536 | fisher | sum_normalized | rms | 67.0M | 9.000 | 5.500 | 3 |" in table
+
+
+def test_pruned_student_reuses_its_units_by_itself_and_matches_every_layer(pruned_dir, tokenizer, messages_dataset,
+                                                                           tmp_path, monkeypatch):  # fmt: skip
+    """No `unit_selection=` needed: the student's own `init` block names its units; `feature_layers="all"` pairs every
+    student layer with the teacher layer it was cut from, on the same residual units."""
+    import hf_taskdistill.trainer as trainer_module
+    from hf_taskdistill import FeatureDistillTrainer
+
+    teacher, result, out, _ = pruned_dir
+    monkeypatch.setattr(trainer_module, "select_task_units", lambda *a, **k: pytest.fail("re-scored"))
+    plain = FeatureDistillTrainer(model=str(out), teacher_model=teacher, args=make_config(tmp_path, max_steps=1),
+                                  train_dataset=messages_dataset, processing_class=tokenizer)  # fmt: skip
+    assert plain.unit_selection.layers[0].indices == result.init["residual_indices"]
+    kept = result.init["layers_kept"]
+    args = make_config(tmp_path / "all", max_steps=2, feature_layers="all")
+    every = FeatureDistillTrainer(model=str(out), teacher_model=teacher, args=args, train_dataset=messages_dataset,
+                                  processing_class=tokenizer)  # fmt: skip
+    pairs = [(ls.student_layer, ls.teacher_layer) for ls in every.unit_selection.layers]
+    assert pairs == list(enumerate(kept)) and len(pairs) == len(kept) > 1
+    assert all(ls.indices == result.init["residual_indices"] for ls in every.unit_selection.layers)
+    every.train()
+    losses = [h["feature_loss"] for h in every.state.log_history if "feature_loss" in h]
+    assert len(losses) == 2 and all(v == v for v in losses)

@@ -464,6 +464,13 @@ def test_cli_builds_a_cache_the_training_run_can_open(tokenizer, tmp_path, capsy
     assert main(["cache", "--config", str(tmp_path / "recipe.yaml"), "--cache_dir", str(out), "--top_k", "4"]) == 0
     assert "Reusing the unit selection" in capsys.readouterr().out
     assert main(["cache", "--help"]) == 0 and "--cache_dir" in capsys.readouterr().out
+    # train from it with the same recipe: no teacher is loaded (the recipe's teacher name is only checked)
+    trained = tmp_path / "trained"
+    assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--teacher_cache", str(out), "--max_steps", "2",
+                 "--selection_num_units", "8", "--output_dir", str(trained)]) == 0  # fmt: skip
+    saved = json.loads((trained / "config.json").read_text())["task_distill"]
+    assert saved["layers"][0]["indices"] == cache.selection.layers[0].indices
+    assert saved["training"]["teacher_cache"]["top_k"] == 4
 
 
 def test_benchmark_script_runs_on_toy_models(tmp_path):

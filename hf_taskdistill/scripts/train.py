@@ -20,8 +20,8 @@ def run(script_args, training_args, model_args):
     from ..provenance import model_reference
     from ..trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
 
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("Set the teacher with --teacher_model_name_or_path (a path or Hub id).")
+    if training_args.teacher_model_name_or_path is None and not training_args.teacher_cache:
+        raise ValueError("Set the teacher with --teacher_model_name_or_path (a path or Hub id), or --teacher_cache.")
     check_model_paths(model_args, training_args)  # before any data or model is loaded
     sft_host = training_args.logit_loss == "none"
     tokenizer = load_tokenizer(script_args, model_args, training_args)

@@ -285,14 +285,17 @@ class _FeatureDistillMixin:
             resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
         self._reconcile_stored(selection, selection_pairs(selection), s_cfg, None, references)
         if args.feature_layers is not None:
-            # No teacher config here to resolve negative teacher indices: compare what can be compared.
+            # The cache's header records the teacher's layer count, so negative teacher indices resolve as online.
+            n_t = (cache.header.get("teacher_config") or {}).get("num_hidden_layers")
             stored = selection_pairs(selection)
-            n_s = s_cfg.num_hidden_layers
-            wanted = [(p[0] % n_s, p[1]) for p in args.feature_layers] if args.feature_layers != "all" else None
+            if args.feature_layers == "all" or n_t is None:
+                wanted = None if args.feature_layers == "all" else [tuple(p) for p in args.feature_layers]
+            else:
+                wanted = args.resolve_layer_pairs(s_cfg.num_hidden_layers, n_t)
             if wanted != stored:
                 raise ValueError(
-                    f"feature_layers={args.feature_layers} does not match the pairs the teacher cache holds, {stored} "
-                    "(student, teacher; give them as non-negative indices): drop feature_layers to use them."
+                    f"feature_layers={args.feature_layers} does not match the layer pairs the teacher cache holds, "
+                    f"{stored} (student, teacher): drop feature_layers to use them, or rebuild the cache."
                 )
         self._finish_selection(
             selection, student, s_cfg, references, teacher_hidden_size=selection.teacher_hidden_size

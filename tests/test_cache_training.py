@@ -102,8 +102,12 @@ def test_cache_errors_before_the_first_step(teacher, tokenizer, tmp_path):
         make(max_length=32)
     with pytest.raises(TeacherCacheError):
         make(dataset=Dataset.from_list([to_messages(r) for r in make_toy_examples(14, seed=0)]))  # 2 never cached
-    with pytest.raises(ValueError, match=r"feature_layers=\[\[0, 1\]\] does not match .* \[\(1, 2\)\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"feature_layers=\[\[0, 1\]\] does not match the layer pairs the teacher cache holds, \[\(1, 2\)\]",
+    ):
         make(feature_layers=[0, 1])
+    assert make(feature_layers=[-1, -1]).unit_selection.layers[0].teacher_layer == 2  # negatives resolve as online
     trainer = make()  # the matching run trains (K = 8 < V: top-K + tail, bf16 storage)
     trainer.train()
     assert len(_losses(trainer, "jsd_loss")) == 3 and all(v == v for v in _losses(trainer, "jsd_loss"))

@@ -271,15 +271,33 @@ class _FeatureDistillMixin:
             return
         if unit_selection is None and args.selection_path:
             unit_selection = args.selection_path
+        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if unit_selection is None and not args.feature_projector and self._pruning_record(student):
+            unit_selection = student.config.task_distill  # a pruned student's own units, as online
         selection = load_unit_selection(unit_selection) if unit_selection is not None else cache.selection
+        if args.feature_projector and selection is not None and selection.selection_method != "projector":
+            # the projector matches whole teacher layers: the cache must hold them (`--full_layer`)
+            layers = cache.header.get("layers") or []
+            if not all(layer.get("full") for layer in layers):
+                raise ValueError(
+                    f"feature_projector=True needs whole teacher layers, but the teacher cache {args.teacher_cache} "
+                    "holds selected units only: rebuild it with `--full_layer` (full_layer=True)."
+                )
+            selection = UnitSelection(
+                layers=[LayerSelection(ls.student_layer, ls.teacher_layer, None) for ls in selection.layers],
+                selection_method="projector",
+                teacher_hidden_size=selection.teacher_hidden_size,
+                student_hidden_size=student.config.get_text_config().hidden_size,
+                teacher=selection.teacher,
+            )
         if selection is None:
             raise ValueError(
                 f"The teacher cache {args.teacher_cache} holds logits only (no teacher units), but "
                 f"feature_loss_weight={args.feature_loss_weight}: rebuild it with a selection "
                 "(`hf-taskdistill cache --selection_path ...`), or set feature_loss_weight=0."
             )
-        cache.check_compatible(selection=selection)
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if selection.selection_method != "projector":
+            cache.check_compatible(selection=selection)
         s_cfg = student.config.get_text_config()
         for ls in selection.layers:
             resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
@@ -366,6 +384,9 @@ class _FeatureDistillMixin:
     def _reconcile_stored(self, selection: UnitSelection, pairs, s_cfg, t_cfg, references) -> None:
         """A stored selection must agree with the run's explicit settings: an error names both values."""
         args: TaskFeatureDistillConfig = self.args
+        if selection.selection_method == "projector":  # whole teacher layers: no k to agree on
+            selection.student_hidden_size = s_cfg.hidden_size
+            return
         stored_pairs = [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
         if args.feature_layers is not None and stored_pairs != pairs:
             raise ValueError(

@@ -111,3 +111,24 @@ def test_cache_errors_before_the_first_step(teacher, tokenizer, tmp_path):
     trainer = make()  # the matching run trains (K = 8 < V: top-K + tail, bf16 storage)
     trainer.train()
     assert len(_losses(trainer, "jsd_loss")) == 3 and all(v == v for v in _losses(trainer, "jsd_loss"))
+
+
+def test_projector_baseline_trains_from_a_full_layer_cache(teacher, tokenizer, tmp_path):
+    data = Dataset.from_list([to_messages(r) for r in make_toy_examples(12, seed=0)])
+    collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=64)
+    for name, full in (("units", False), ("full", True)):
+        build_teacher_cache(teacher, data, collator, tmp_path / name, tokenizer=tokenizer, selection=_selection(),
+                            top_k=8, dtype="float32", full_layer=full, batch_size=4, show_progress=False)  # fmt: skip
+
+    def make(cache):
+        args = _config(tmp_path / cache, teacher_cache=str(tmp_path / cache), feature_projector=True)
+        return FeatureDistillTrainer(model=_new_student(tokenizer), args=args, train_dataset=data,
+                                     processing_class=tokenizer)  # fmt: skip
+
+    with pytest.raises(ValueError, match="needs whole teacher layers.*--full_layer"):
+        make("units")
+    trainer = make("full")
+    assert trainer.unit_selection.selection_method == "projector" and trainer._projector() is not None
+    before = trainer._projector()["0"].weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer._projector()["0"].weight) and len(_losses(trainer, "feature_loss")) == 3

@@ -1,0 +1,827 @@
+"""Quality benchmark, second design: students cut out of the teacher, paired teacher-forced metrics with power.
+
+One teacher (SmolLM2-135M-Instruct, `local/smollm2-135m-instruct`), one student shape cut out of it with
+`hf_taskdistill.pruning.prune_teacher` (K residual units, M MLP neurons, N layers), and one teacher cache
+(`hf_taskdistill.cache.build_teacher_cache`: top-K log-probs + the *whole* last teacher layer, so every arm's units
+and the projector read the same cache). Every arm trains the same shape, on the same examples in the same order,
+for the same steps, seed by seed; only the initialisation and the loss differ:
+
+    A  activation-pruned init (Minitron's cut), logit KD only        (the anchor)
+    B  task-pruned init, logit KD only
+    C  task-pruned init, logit KD + feature loss on the same units  (our method: student unit i <-> teacher S_i)
+    D  task-pruned init, logit KD + learned projector onto the whole teacher layer (the paper's baseline)
+    E  random-pruned init, logit KD + feature loss on its own units
+    F  task-pruned init, SFT only (cross-entropy on the gold completion, no teacher)
+    G  activation-pruned init, logit KD + feature loss on its own units
+    fresh_kd / fresh_units / fresh_projector: a fresh-initialised student of the same shape (continuity rows)
+
+Logit KD is GKD's generalized JSD with beta=0 (forward KL), off-policy, over the cached teacher top-K + tail bucket;
+the feature loss is the project's correlation loss at the last layer pair. Metrics: teacher-forced NLL per
+completion token and token accuracy on held-out dev examples (per example, so arms are compared *paired*: the same
+examples, a bootstrap over examples; per training seed and pooled over seeds), optionally greedy ROUGE-L on test
+items. Each (task, arm, seed) writes `runs/seed<s>/<arm>.json`; a rerun skips finished parts; `--aggregate_only`
+rebuilds `results.json` / `results.md` from them. Heavy artefacts (scoring statistics, pruned students, the cache)
+live under `local/bench/quality2/` and are reused.
+
+    OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile tiny                 # smoke test, a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile cpu --task dolly     # the CPU design, resumable
+    python benchmarks/quality2.py --profile cpu --task dolly --aggregate_only      # tables only
+    python benchmarks/quality2.py --profile gpu --task dolly                       # the same design on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # (benchmarks/harness.py: env, hardware line, write_results)
+import quality  # (benchmarks/quality.py, the first design: training config, JSON writer, ROUGE eval)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = {"dolly": "instruction", "dialogsum": "summarization"}
+# arm -> (initialisation, loss)
+ARMS = {
+    "A": ("activation", "kd"),
+    "B": ("task", "kd"),
+    "C": ("task", "kd_units"),
+    "D": ("task", "kd_projector"),
+    "E": ("random", "kd_units"),
+    "F": ("task", "sft"),
+    "G": ("activation", "kd_units"),
+    "fresh_kd": ("fresh", "kd"),
+    "fresh_units": ("fresh", "kd_units"),
+    "fresh_projector": ("fresh", "kd_projector"),
+}
+DEFAULT_ORDER = ["A", "B", "C", "D", "G", "E", "F", "fresh_kd", "fresh_units", "fresh_projector"]
+# (x, y, question): the paired difference x - y answers it
+COMPARISONS = [
+    ("C", "A", "our method vs the Minitron-style anchor"),
+    ("C", "B", "feature term on the same units vs none (task-pruned init)"),
+    ("C", "D", "units vs learned projector"),
+    ("C", "E", "task units vs random units"),
+    ("B", "A", "task-pruned vs activation-pruned init (KD only)"),
+    ("G", "A", "feature term on the anchor's own student"),
+    ("C", "F", "KD + units vs SFT only"),
+    ("fresh_units", "fresh_kd", "units vs none on a fresh student"),
+    ("fresh_units", "fresh_projector", "units vs projector on a fresh student"),
+]
+PROFILES = {
+    # real model, toy budget: checks every stage end to end in a few minutes
+    "tiny": dict(hidden_size=288, intermediate_size=256, num_layers=4, steps=4, batch_size=2, max_length=128,
+                 num_scoring=8, num_dev=12, rouge_samples=4, max_new_tokens=16, learning_rate=1e-4, seeds=[0],
+                 top_k=16),
+    # 2 CPU cores: K = 288 of 576, MLP 768 of 1536, all 30 layers (47.4M parameters)
+    "cpu": dict(hidden_size=288, intermediate_size=768, num_layers=None, steps=500, batch_size=4, max_length=192,
+                num_scoring=64, num_dev=500, rouge_samples=0, max_new_tokens=64, learning_rate=1e-4,
+                seeds=[0, 1, 2], top_k=64),
+    # one GPU: the same design, full MLP, more steps, ROUGE on the test set
+    "gpu": dict(hidden_size=288, intermediate_size=None, num_layers=None, steps=3000, batch_size=16, max_length=512,
+                num_scoring=256, num_dev=1000, rouge_samples=500, max_new_tokens=256, learning_rate=1e-4,
+                seeds=[0, 1, 2], top_k=64),
+}  # fmt: skip
+
+
+TEACHER_SFT_STEPS = {"tiny": 2, "cpu": 100, "gpu": 1000}  # DialogSum only
+# DialogSum prompts are whole dialogues (median ~190 tokens) and `fit_to_max_length` drops an example whose prompt
+# takes over half the window: a longer window keeps most of them
+# (the dev window is longer still, so that all 500 dev dialogues are scored; training windows stay short on a CPU)
+TASK_PRESETS = {"dialogsum": {"tiny": dict(max_length=384, eval_max_length=1024),
+                              "cpu": dict(max_length=384, eval_max_length=1024),
+                              "gpu": dict(max_length=768, eval_max_length=1024)}}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure statistics (tested in tests/test_benchmarks.py)
+# ----------------------------------------------------------------------------------------------------------------
+def per_token(sums, tokens) -> float:
+    """Per-token mean of per-example sums (the ratio of totals, as a dev NLL is reported)."""
+    total = float(sum(tokens))
+    if total <= 0:
+        raise ValueError("per_token needs a positive token count.")
+    return float(sum(sums)) / total
+
+
+def _boot_indices(n: int, n_boot: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired difference of per-token means, x - y, with a bootstrap 95% interval over examples.
+
+    `x_runs` / `y_runs` hold one list of per-example sums per training seed (the same examples, in the same order,
+    for every run; `tokens[i]` is example i's token count). With several seeds the statistic is the mean over seeds
+    of the per-seed differences, and each bootstrap draw resamples the examples once for all seeds (the examples
+    are the shared source of noise; seed-to-seed spread is reported next to it, not folded in).
+
+    Returns `{"diff", "ci95": [lo, hi], "per_seed": [...], "n_examples", "n_seeds", "excludes_zero"}`.
+    """
+    import numpy as np
+
+    x, y = np.asarray(x_runs, dtype=np.float64), np.asarray(y_runs, dtype=np.float64)
+    if x.ndim == 1:
+        x, y = x[None], y[None]
+    t = np.asarray(tokens, dtype=np.float64)
+    if x.shape != y.shape or x.shape[1] != t.shape[0]:
+        raise ValueError(f"paired_difference needs equal shapes: x {x.shape}, y {y.shape}, tokens {t.shape}.")
+    if x.shape[1] == 0:
+        raise ValueError("paired_difference needs at least one example.")
+    d = x - y  # (seeds, examples)
+    per_seed = d.sum(1) / t.sum()
+    idx = _boot_indices(t.shape[0], n_boot, seed)
+    boot = d[:, idx].sum(-1) / t[idx].sum(-1)  # (seeds, n_boot)
+    boot = boot.mean(0)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(per_seed.mean()), "ci95": [float(lo), float(hi)], "per_seed": per_seed.tolist(),
+            "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0)}  # fmt: skip
+
+
+def gap_closed(start: float, arm: float, teacher: float) -> float | None:
+    """Share of the start-to-teacher gap an arm closes: (start - arm) / (start - teacher); None without a gap."""
+    gap = start - teacher
+    return None if abs(gap) < 1e-12 else (start - arm) / gap
+
+
+def compare_runs(runs: dict, comparisons=COMPARISONS, n_boot: int = 2000) -> list[dict]:
+    """Paired differences for every comparison whose two arms share seeds.
+
+    `runs[arm][seed]` is a result with `dev` = {"nll": [...], "correct": [...], "tokens": [...]}. Per comparison:
+    the NLL difference (x - y, nats per token: negative means x is better) and the token-accuracy difference
+    (x - y, points: positive means x is better), per seed and pooled over the shared seeds.
+    """
+    out = []
+    for x, y, question in comparisons:
+        seeds = sorted(set(runs.get(x, {})) & set(runs.get(y, {})))
+        if not seeds:
+            continue
+        tokens = runs[x][seeds[0]]["dev"]["tokens"]
+        for s in seeds:
+            if runs[x][s]["dev"]["tokens"] != tokens or runs[y][s]["dev"]["tokens"] != tokens:
+                raise ValueError(f"{x} and {y} (seed {s}) were evaluated on different dev tokens: not paired.")
+        row = {"x": x, "y": y, "question": question, "seeds": seeds}
+        rouge = [runs[a][s].get("rouge") for a in (x, y) for s in seeds]
+        if all(r is not None for r in rouge):
+            for t in rouge[0]["per_example"]:
+                xs = [runs[x][s]["rouge"]["per_example"][t] for s in seeds]
+                ys = [runs[y][s]["rouge"]["per_example"][t] for s in seeds]
+                row[t] = {"pooled": paired_difference(xs, ys, [1] * len(xs[0]), n_boot=n_boot)}
+        for metric, scale in (("nll", 1.0), ("correct", 100.0)):
+            xs = [runs[x][s]["dev"][metric] for s in seeds]
+            ys = [runs[y][s]["dev"][metric] for s in seeds]
+            pooled = paired_difference(xs, ys, tokens, n_boot=n_boot)
+            by_seed = {
+                str(s): paired_difference([a], [b], tokens, n_boot=n_boot)
+                for s, a, b in zip(seeds, xs, ys, strict=True)
+            }
+            if scale != 1.0:
+                for r in (pooled, *by_seed.values()):
+                    r["diff"] *= scale
+                    r["ci95"] = [v * scale for v in r["ci95"]]
+                    r["per_seed"] = [v * scale for v in r["per_seed"]]
+            row["accuracy" if metric == "correct" else "nll"] = {"pooled": pooled, "per_seed": by_seed}
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--task", choices=sorted(TASKS), default="dolly")
+    p.add_argument("--output_dir", default=None, help="default: benchmarks/results/quality2/<task>-<profile>")
+    p.add_argument("--work_dir", default=None, help="heavy artefacts; default: local/bench/quality2/<task>-<profile>")
+    p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"))
+    p.add_argument("--teacher", default=os.path.join(ROOT, "local", "smollm2-135m-instruct"),
+                   help="teacher directory (for DialogSum a task-SFT'd teacher where one exists)")  # fmt: skip
+    for name in ("hidden_size", "intermediate_size", "num_layers", "steps", "batch_size", "max_length",
+                 "num_scoring", "num_dev", "rouge_samples", "max_new_tokens", "top_k"):  # fmt: skip
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--learning_rate", type=float, default=None)
+    p.add_argument("--teacher_sft_steps", type=int, default=None, help="fine-tune the teacher on the task first")
+    p.add_argument("--teacher_learning_rate", type=float, default=5e-5)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None)
+    p.add_argument("--task_criterion", default="grad_x_act", help="criterion of the task-pruned init (B, C, D, F)")
+    p.add_argument("--task_aggregation", default="sum_normalized")
+    p.add_argument("--norm_rescale", default="none", choices=["none", "rms", "lsq"])
+    p.add_argument("--feature_loss_weight", type=float, default=1.0)
+    p.add_argument("--feature_loss_type", default="correlation")
+    p.add_argument("--eval_batch_size", type=int, default=8)
+    p.add_argument("--eval_max_length", type=int, default=None, help="dev window (default: max_length)")
+    p.add_argument("--eval_inits", action="store_true", help="also evaluate the untrained inits and the teacher")
+    p.add_argument("--deadline", default=None, help="HH:MM UTC: start no part that is not expected to end by then")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aggregate_only", action="store_true")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="stop after the shared parts (scoring, cuts, cache): then arms can run in parallel processes")  # fmt: skip
+    return p
+
+
+def settings(argv=None) -> argparse.Namespace:
+    """Parsed flags over the profile's preset; output and work directories filled in."""
+    args = _parser().parse_args(argv)
+    preset = {**PROFILES[args.profile], **TASK_PRESETS.get(args.task, {}).get(args.profile, {})}
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.teacher_sft_steps is None:  # the first design found SFT changes the teacher on DialogSum, not on Dolly
+        args.teacher_sft_steps = TEACHER_SFT_STEPS[args.profile] if args.task == "dialogsum" else 0
+    args.arms = args.arms or list(DEFAULT_ORDER)
+    name = f"{args.task}-{args.profile}"
+    args.work_dir = args.work_dir or os.path.join(ROOT, "local", "bench", "quality2", name)
+    # the smoke test's tables stay out of the committed results
+    results = os.path.join(args.work_dir, "results") if args.profile == "tiny" else None
+    args.output_dir = args.output_dir or results or os.path.join(ROOT, "benchmarks", "results", "quality2", name)
+    # names quality._train_config reads
+    args.selection_num_samples = args.num_scoring
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def load_data(args, tokenizer):
+    """(scoring, train, dev) as `messages` datasets fitted to `max_length`: the scoring examples and the
+    `steps x batch_size` training examples are disjoint seeded draws from train; dev is the first `num_dev` dev
+    examples that fit (deterministic, the same for every arm)."""
+    from hf_taskdistill.data import fit_to_max_length, load_task_dataset
+
+    kind = TASKS[args.task]
+    common = dict(task=kind, format="messages", template="chat", seed=0)
+    need = args.num_scoring + args.steps * args.batch_size
+    train = load_task_dataset(os.path.join(args.data_dir, args.task), split="train", **common)
+    train = train.shuffle(seed=0).select(range(min(len(train), int(need * 1.4) + 64)))
+    train = fit_to_max_length(train, tokenizer, args.max_length)
+    if len(train) < need:
+        raise SystemExit(f"only {len(train)} training examples fit max_length={args.max_length}, {need} needed")
+    scoring = train.select(range(args.num_scoring))
+    train = train.select(range(args.num_scoring, need))
+    dev = load_task_dataset(os.path.join(args.data_dir, args.task), split="dev", **common)
+    dev = fit_to_max_length(dev, tokenizer, args.eval_max_length or args.max_length, name="dev")
+    dev = dev.select(range(min(args.num_dev, len(dev))))
+    return scoring, train, dev
+
+
+def _collator(tokenizer, max_length):
+    from trl.experimental.utils import DataCollatorForChatML
+
+    return DataCollatorForChatML(tokenizer=tokenizer, max_length=max_length)
+
+
+def _batches(dataset, collator, batch_size: int, sort: bool = True):
+    """[(row indices, batch)], rows grouped by length (little padding) when `sort`."""
+    lengths = [len(collator([dataset[i]])["input_ids"][0]) for i in range(len(dataset))]
+    order = sorted(range(len(dataset)), key=lambda i: lengths[i]) if sort else list(range(len(dataset)))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(rows, collator([dataset[i] for i in rows])) for rows in chunks]
+
+
+def teacher_forced(model, batches, n: int) -> dict:
+    """Per dev example: summed NLL of its completion tokens, how many the argmax predicts, how many there are."""
+    import torch
+    import torch.nn.functional as F
+
+    nll, correct, tokens = [0.0] * n, [0] * n, [0] * n
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for rows, b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            targets = b["labels"][:, 1:]
+            mask = targets != -100
+            loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * mask
+            hit = (logits.argmax(-1) == targets) & mask
+            for j, row in enumerate(rows):
+                nll[row], correct[row], tokens[row] = float(loss[j].sum()), int(hit[j].sum()), int(mask[j].sum())
+    model.train(was_training)
+    return {"nll": nll, "correct": correct, "tokens": tokens}
+
+
+def greedy_rouge(model, tokenizer, args) -> dict | None:
+    """Greedy ROUGE-L (ROUGE-1/2/L on DialogSum) per test example, on the first `rouge_samples` test items."""
+    if not args.rouge_samples:
+        return None
+    from hf_taskdistill.data import load_eval_set
+    from hf_taskdistill.evaluation import (
+        SUMMARIZATION_ROUGE_TYPES,
+        build_eval_prompts,
+        generate_responses,
+        rouge_scores,  # fmt: skip
+    )
+
+    examples = load_eval_set(args.task, args.data_dir)[: args.rouge_samples]
+    prompts = build_eval_prompts(tokenizer, examples, "chat")
+    outputs = generate_responses(model, tokenizer, prompts, seed=0, batch_size=args.eval_batch_size,
+                                 do_sample=False, progress=False, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    types = SUMMARIZATION_ROUGE_TYPES if args.task == "dialogsum" else ("rougeL",)
+    per = {t: [] for t in types}
+    for out, ex in zip(outputs, examples, strict=True):
+        scores = rouge_scores([out], [ex["references"]], types, implementation="rouge_score")
+        for t in types:
+            per[t].append(scores[t])
+    return {"n": len(examples), "max_new_tokens": args.max_new_tokens, "per_example": per,
+            "mean": {t: sum(v) / len(v) for t, v in per.items()}}  # fmt: skip
+
+
+def dev_summary(dev: dict) -> dict:
+    return {"nll": per_token(dev["nll"], dev["tokens"]), "accuracy": 100 * per_token(dev["correct"], dev["tokens"]),
+            "n_examples": len(dev["tokens"]), "n_tokens": int(sum(dev["tokens"]))}  # fmt: skip
+
+
+def _projector_trainer_class():
+    """`FeatureDistillTrainer` whose stored-selection check lets a projector selection (no indices, k = 0) through.
+
+    Benchmark-local shim: `_reconcile_stored` compares k with the student width even for the projector baseline, so
+    the projector cannot train from a teacher cache (`ValueError: The stored selection holds k=0 units`). Reported
+    for `hf_taskdistill/trainer.py`; remove this once the trainer skips that check for projector selections.
+    """
+    from hf_taskdistill import FeatureDistillTrainer
+
+    class ProjectorFromCacheTrainer(FeatureDistillTrainer):
+        def _reconcile_stored(self, selection, pairs, s_cfg, t_cfg, references) -> None:
+            if selection.selection_method == "projector":
+                selection.student_hidden_size = s_cfg.hidden_size
+                return
+            super()._reconcile_stored(selection, pairs, s_cfg, t_cfg, references)
+
+    return ProjectorFromCacheTrainer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the parts: scoring statistics, pruned students, cache, arms
+# ----------------------------------------------------------------------------------------------------------------
+class Bench:
+    """State shared by the parts of one (task, profile) run; every part is skipped when its output exists."""
+
+    def __init__(self, args):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        self.args = args
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        os.makedirs(args.work_dir, exist_ok=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+        self.teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).to(self.device).eval()
+        self.collator = _collator(self.tokenizer, args.max_length)
+        self.timings = self._load_timings()
+        self.scoring, self.train, self.dev = load_data(args, self.tokenizer)
+        if args.teacher_sft_steps:
+            self.teacher = self.sft_teacher()
+        self.teacher.requires_grad_(False)
+        dev_collator = _collator(self.tokenizer, args.eval_max_length or args.max_length)
+        self.dev_batches = _batches(self.dev, dev_collator, args.eval_batch_size)
+
+    def sft_teacher(self):
+        """The teacher fine-tuned on the task first (`--teacher_sft_steps` SFT steps on the training examples, the
+        first design's recipe for DialogSum), saved once under the work directory and reused."""
+        import torch
+        from transformers import AutoModelForCausalLM, PrinterCallback
+        from trl import SFTTrainer
+
+        out = os.path.join(self.args.work_dir, "teacher-sft")
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            a = self.args
+            harness.log(f"teacher SFT: {a.teacher_sft_steps} steps x {a.batch_size}")
+            t0 = time.perf_counter()
+            data = self.train.map(lambda e: {"prompt": e["messages"][:1], "completion": e["messages"][1:]},
+                                  remove_columns="messages")  # fmt: skip
+            cfg = quality._train_config(a, os.path.join(a.work_dir, "teacher-sft-run"), 0, a.teacher_sft_steps,
+                                        a.teacher_learning_rate, use_cpu=self.device == "cpu", bf16=False,
+                                        dataloader_num_workers=0, feature_loss_weight=0.0)  # fmt: skip
+            trainer = SFTTrainer(model=self.teacher, args=cfg, train_dataset=data, processing_class=self.tokenizer)
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+            trainer.save_model(out)
+            self.tokenizer.save_pretrained(out)
+            self._timed("teacher_sft", time.perf_counter() - t0)
+        self.args.teacher = out
+        return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(self.device).eval()
+
+    # ----- bookkeeping -----
+    def _timings_path(self) -> str:
+        return os.path.join(self.args.output_dir, "timings.json")
+
+    def _load_timings(self) -> dict:
+        path = self._timings_path()
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    def _timed(self, part: str, seconds: float) -> None:
+        self.timings[part] = round(seconds, 1)
+        quality._write_json(self._timings_path(), self.timings)
+
+    def fits(self, part: str, estimate: float | None) -> bool:
+        """False when `--deadline` would be passed by a part expected to take `estimate` seconds."""
+        if not self.args.deadline or estimate is None:
+            return True
+        hh, mm = map(int, self.args.deadline.split(":"))
+        now = time.gmtime()
+        left = (hh * 60 + mm) * 60 - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
+        if estimate > left:
+            harness.log(
+                f"{part}: expected {estimate:.0f} s, {max(left, 0)} s left before {self.args.deadline}: skipped"
+            )
+            return False
+        return True
+
+    # ----- scoring statistics and the three cuts -----
+    def statistics(self):
+        import torch
+
+        from hf_taskdistill.pruning import collect_unit_statistics
+
+        path = os.path.join(self.args.work_dir, "scoring_stats.pt")
+        if os.path.isfile(path):
+            return torch.load(path, weights_only=False)
+        t0 = time.perf_counter()
+        batches = [b for _, b in _batches(self.scoring, self.collator, 4, sort=False)]
+        stats = collect_unit_statistics(self.teacher, batches, need_grad=True, mlp=True)
+        torch.save(stats, path)
+        self._timed("scoring_pass", time.perf_counter() - t0)
+        return stats
+
+    def student_dir(self, init: str) -> str:
+        return os.path.join(self.args.work_dir, "students", init)
+
+    def prune(self, init: str) -> str:
+        """The pruned student `init` (activation / task / random) saved with `save_pruned`; its directory."""
+        from hf_taskdistill.pruning import prune_teacher, save_pruned
+
+        out = self.student_dir(init)
+        if os.path.isfile(os.path.join(out, "config.json")):
+            return out
+        a = self.args
+        criterion, aggregation = {"activation": ("activation", "sum"), "random": ("random", "sum"),
+                                  "task": (a.task_criterion, a.task_aggregation)}[init]  # fmt: skip
+        stats = self.statistics()
+        t0 = time.perf_counter()
+        result = prune_teacher(self.teacher, None, a.hidden_size, a.intermediate_size, a.num_layers,
+                               criterion=criterion, aggregation=aggregation, norm_rescale=a.norm_rescale, seed=0,
+                               stats=stats, teacher_reference=a.teacher)  # fmt: skip
+        save_pruned(result, out, tokenizer=self.tokenizer)
+        self._timed(f"prune_{init}", time.perf_counter() - t0)
+        harness.log(f"pruned {init} ({criterion}/{aggregation}): {result.num_parameters / 1e6:.1f}M parameters")
+        return out
+
+    def fresh_dir(self, seed: int) -> str:
+        """A fresh-initialised student of the pruned shape (seeded), saved once per seed."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        out = os.path.join(self.args.work_dir, "students", f"fresh-seed{seed}")
+        if os.path.isfile(os.path.join(out, "config.json")):
+            return out
+        config = AutoConfig.from_pretrained(self.prune("task"))
+        if hasattr(config, "task_distill"):
+            del config.task_distill
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    # ----- the teacher cache -----
+    def cache_dir(self) -> str:
+        return os.path.join(self.args.work_dir, "teacher_cache")
+
+    def cache(self) -> str:
+        """One full-layer cache (the whole last teacher layer + top-K log-probs) shared by every arm."""
+        from hf_taskdistill.cache import HEADER_NAME, TeacherCache, build_teacher_cache
+        from hf_taskdistill.selection import load_unit_selection
+
+        out = self.cache_dir()
+        if os.path.isfile(os.path.join(out, HEADER_NAME)):
+            TeacherCache(out)  # integrity check (a damaged cache raises, naming the shard)
+            return out
+        selection = load_unit_selection(self.prune("task"))
+        # rows grouped by length: the teacher pass pads little (the cache is keyed by token hash, order-free)
+        lengths = [len(self.collator([self.train[i]])["input_ids"][0]) for i in range(len(self.train))]
+        ordered = self.train.select(sorted(range(len(self.train)), key=lambda i: lengths[i]))
+        t0 = time.perf_counter()
+        cache = build_teacher_cache(self.teacher, ordered, self.collator, out, tokenizer=self.tokenizer,
+                                    selection=selection, top_k=self.args.top_k, dtype="bfloat16", full_layer=True,
+                                    template="chat", batch_size=self.args.eval_batch_size, show_progress=False,
+                                    teacher_name_or_path=self.args.teacher)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        self._timed("cache_build", seconds)
+        harness.log(
+            f"teacher cache: {len(cache)} examples, {cache.bytes_per_token():.0f} bytes/token, {seconds:.0f} s"
+        )
+        return out
+
+    # ----- one arm -----
+    def run_path(self, arm: str, seed: int) -> str:
+        return os.path.join(self.args.output_dir, "runs", f"seed{seed}", f"{arm}.json")
+
+    def estimate(self, arm: str) -> float | None:
+        done = [v for k, v in self.timings.items() if k.startswith("arm_")]
+        return None if not done else max(done) * 1.1
+
+    def run_arm(self, arm: str, seed: int) -> dict | None:
+        from transformers import PrinterCallback
+
+        from hf_taskdistill import FeatureDistillSFTTrainer, FeatureDistillTrainer
+        from hf_taskdistill.selection import UnitSelection, load_unit_selection
+
+        path = self.run_path(arm, seed)
+        if os.path.isfile(path):
+            harness.log(f"{arm} seed {seed}: done already")
+            return None
+        if not self.fits(f"{arm} seed {seed}", self.estimate(arm)):
+            return None
+        a = self.args
+        init, loss = ARMS[arm]
+        student = self.fresh_dir(seed) if init == "fresh" else self.prune(init)
+        cache = self.cache()
+        units_from = self.prune("task") if init == "fresh" else student  # a fresh student learns the task units
+        extra = dict(use_cpu=self.device == "cpu", bf16=False, dataloader_num_workers=0, lmbda=0.0,
+                     feature_loss_type=a.feature_loss_type)  # fmt: skip
+        unit_selection = None
+        if loss == "kd":
+            extra.update(feature_loss_weight=0.0)
+        elif loss == "kd_units":
+            unit_selection = load_unit_selection(units_from)
+        elif loss == "kd_projector":
+            extra.update(feature_projector=True)
+            s = load_unit_selection(self.prune("task"))
+            unit_selection = UnitSelection(layers=[type(s.layers[0])(s.layers[0].student_layer, s.layers[0].teacher_layer, None)],
+                                           selection_method="projector", teacher_hidden_size=s.teacher_hidden_size,
+                                           student_hidden_size=s.student_hidden_size)  # fmt: skip
+        elif loss == "sft":
+            extra.update(feature_loss_weight=0.0, logit_loss="none")
+        run_dir = os.path.join(a.work_dir, "runs", f"seed{seed}", arm)
+        harness.log(f"{arm} seed {seed}: {init} init, {loss}, {a.steps} steps x {a.batch_size}")
+        t0 = time.perf_counter()
+        if loss == "sft":
+            # the SFT host (cross-entropy on the completion; the in-memory teacher is never run with weight 0)
+            data = self.train.map(lambda e: {"prompt": e["messages"][:1], "completion": e["messages"][1:]},
+                                  remove_columns="messages")  # fmt: skip
+            cfg = quality._train_config(a, run_dir, seed, a.steps, a.learning_rate, **extra)
+            trainer = FeatureDistillSFTTrainer(model=student, teacher_model=self.teacher, args=cfg, train_dataset=data,
+                                               processing_class=self.tokenizer)  # fmt: skip
+        else:
+            cfg = quality._train_config(a, run_dir, seed, a.steps, a.learning_rate, teacher_cache=cache, **extra)
+            cls = _projector_trainer_class() if loss == "kd_projector" else FeatureDistillTrainer
+            trainer = cls(model=student, teacher_model=None, args=cfg, train_dataset=self.train,
+                                            processing_class=self.tokenizer, unit_selection=unit_selection)  # fmt: skip
+        trainer.remove_callback(PrinterCallback)
+        setup = time.perf_counter() - t0
+        trainer.train()
+        train_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dev = teacher_forced(trainer.model, self.dev_batches, len(self.dev))
+        rouge = greedy_rouge(trainer.model, self.tokenizer, a)
+        eval_seconds = time.perf_counter() - t1
+        sel = trainer.unit_selection
+        model_cfg = trainer.model.config
+        result = {
+            "task": a.task, "arm": arm, "seed": seed, "init": init, "loss": loss,
+            "init_criterion": (model_cfg.task_distill or {}).get("init", {}).get("criterion")
+            if isinstance(getattr(model_cfg, "task_distill", None), dict) else None,
+            "shape": {"hidden_size": model_cfg.hidden_size, "intermediate_size": model_cfg.intermediate_size,
+                      "num_layers": model_cfg.num_hidden_layers,
+                      "num_parameters": sum(p.numel() for n, p in trainer.model.named_parameters() if "fd_proj" not in n)},
+            "steps": a.steps, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
+            "tokens_seen": self.train_tokens(),
+            "feature_pairs": None if sel is None else [(ls.student_layer, ls.teacher_layer, ls.k) for ls in sel.layers],
+            "train_seconds": round(train_seconds, 1), "setup_seconds": round(setup, 1),
+            "eval_seconds": round(eval_seconds, 1),
+            "final_logs": [h for h in trainer.state.log_history if "loss" in h][-3:],
+            "dev_summary": dev_summary(dev), "dev": dev, "rouge": rouge,
+        }  # fmt: skip
+        quality._write_json(path, result)
+        self._timed(f"arm_{arm}_seed{seed}", train_seconds + eval_seconds)
+        s = result["dev_summary"]
+        harness.log(f"{arm} seed {seed}: dev NLL {s['nll']:.4f}, acc {s['accuracy']:.2f}% "
+                    f"(train {train_seconds:.0f} s, eval {eval_seconds:.0f} s)")  # fmt: skip
+        del trainer
+        return result
+
+    def train_tokens(self) -> dict:
+        if not hasattr(self, "_train_tokens"):
+            total = completion = 0
+            for _, b in _batches(self.train, self.collator, 64, sort=False):
+                total += int(b["attention_mask"].sum())
+                completion += int((b["labels"] != -100).sum())
+            self._train_tokens = {"examples": len(self.train), "tokens": total, "completion_tokens": completion,
+                                  "epochs": self.args.steps * self.args.batch_size / len(self.train)}  # fmt: skip
+        return self._train_tokens
+
+    def eval_reference(self, name: str) -> None:
+        """Dev metrics of the teacher and of each untrained init (start points of the gap)."""
+        from transformers import AutoModelForCausalLM
+
+        path = os.path.join(self.args.output_dir, "reference", f"{name}.json")
+        if os.path.isfile(path):
+            return
+        # a student's evaluation time from the finished arms (ROUGE included); the teacher has ~3x the parameters
+        evals = [r["eval_seconds"] for arm in _load_runs(self.args.output_dir).values() for r in arm.values()]
+        est = self.timings.get(f"reference_{name}") or (
+            max(evals) * (3.0 if name == "teacher" else 1.0) if evals else None
+        )
+        if not self.fits(f"reference {name}", est):
+            return
+        t0 = time.perf_counter()
+        model = self.teacher if name == "teacher" else AutoModelForCausalLM.from_pretrained(
+            self.fresh_dir(0) if name == "fresh" else self.prune(name))  # fmt: skip
+        dev = teacher_forced(model, self.dev_batches, len(self.dev))
+        rouge = greedy_rouge(model, self.tokenizer, self.args)
+        seconds = time.perf_counter() - t0
+        quality._write_json(path, {"name": name, "dev_summary": dev_summary(dev), "dev": dev, "rouge": rouge,
+                                   "eval_seconds": round(seconds, 1)})  # fmt: skip
+        self._timed(f"reference_{name}", seconds)
+        harness.log(f"reference {name}: dev NLL {dev_summary(dev)['nll']:.4f} ({seconds:.0f} s)")
+
+
+RESUME_KEYS = ("task", "hidden_size", "intermediate_size", "num_layers", "steps", "batch_size", "max_length",
+               "num_scoring", "num_dev", "rouge_samples", "max_new_tokens", "learning_rate", "top_k",
+               "task_criterion", "task_aggregation", "norm_rescale", "feature_loss_weight", "feature_loss_type",
+               "eval_batch_size", "eval_max_length", "teacher_sft_steps", "teacher_learning_rate")  # fmt: skip
+
+
+def check_resume(args) -> None:
+    """Refuse to add runs with other settings to an output directory (its runs would no longer be paired)."""
+    path = os.path.join(args.output_dir, "settings.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    diff = {k: (stored.get(k), getattr(args, k)) for k in RESUME_KEYS if k in stored and stored[k] != getattr(args, k)}
+    if diff:
+        text = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+        raise SystemExit(f"{args.output_dir} holds runs made with other settings ({text}): pass the same flags to "
+                         "resume, or another --output_dir (and --work_dir).")  # fmt: skip
+
+
+def run(argv=None) -> dict:
+    args = settings(argv)
+    if args.aggregate_only:
+        return aggregate(args)
+    harness.benchmark_env(args.threads)
+    check_resume(args)
+    bench = Bench(args)
+    quality._write_json(os.path.join(args.output_dir, "settings.json"), {
+        **{k: v for k, v in vars(args).items() if k not in ("output_dir", "work_dir", "data_dir", "teacher")},
+        "teacher": os.path.basename(os.path.normpath(args.teacher)), "hardware": harness.hardware_line(
+            bench.device, args.threads), "train": bench.train_tokens(), "num_dev_examples": len(bench.dev),
+    })  # fmt: skip
+    for init in ("activation", "task", "random"):
+        bench.prune(init)
+    bench.cache()
+    if args.prepare_only:
+        return {}
+    for seed in args.seeds:
+        for arm in args.arms:
+            bench.run_arm(arm, seed)
+    if args.eval_inits:
+        # the teacher, then the untrained init of every arm asked for (the start points of "gap closed")
+        inits = {ARMS[arm][0] for arm in args.arms}
+        for name in ["teacher"] + [n for n in ("activation", "task", "random", "fresh") if n in inits]:
+            bench.eval_reference(name)
+    return aggregate(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# aggregation
+# ----------------------------------------------------------------------------------------------------------------
+def _load_runs(out: str) -> dict:
+    runs: dict = {}
+    root = os.path.join(out, "runs")
+    for seed_dir in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for name in sorted(os.listdir(os.path.join(root, seed_dir))):
+            if name.endswith(".json"):
+                with open(os.path.join(root, seed_dir, name)) as f:
+                    res = json.load(f)
+                runs.setdefault(res["arm"], {})[res["seed"]] = res
+    return runs
+
+
+def _load_references(out: str) -> dict:
+    refs = {}
+    root = os.path.join(out, "reference")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        with open(os.path.join(root, name)) as f:
+            res = json.load(f)
+        refs[res["name"]] = res
+    return refs
+
+
+def _fmt_ci(r: dict, digits: int) -> str:
+    star = " *" if r["excludes_zero"] else ""
+    return f"{r['diff']:+.{digits}f} [{r['ci95'][0]:+.{digits}f}, {r['ci95'][1]:+.{digits}f}]{star}"
+
+
+def aggregate(args) -> dict:
+    """results.json / results.md from every finished run: the arm table and the paired differences."""
+    import statistics
+
+    out = args.output_dir
+    runs, refs = _load_runs(out), _load_references(out)
+    teacher_nll = refs.get("teacher", {}).get("dev_summary", {}).get("nll")
+    lines = [f"# Quality benchmark, second design: {args.task} ({args.profile} profile)", ""]
+    settings_path = os.path.join(out, "settings.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            st = json.load(f)
+        tr = st.get("train", {})
+        lines += [
+            (
+                f"Student: K={st['hidden_size']}, M={st['intermediate_size'] or 'full'}, layers={st['num_layers'] or 'all'}; "
+                f"{st['steps']} steps x {st['batch_size']} examples ({tr.get('tokens')} tokens, "
+                f"{tr.get('completion_tokens')} completion tokens, {tr.get('epochs')} epoch(s)), lr {st['learning_rate']} "
+                f"cosine; task-pruned init: {st['task_criterion']}/{st['task_aggregation']}, norm rescale "
+                f"{st['norm_rescale']}; dev: {st.get('num_dev_examples')} examples; {st.get('hardware')}."
+            ),
+            "",
+        ]
+    has_rouge = any(r.get("rouge") for arm in runs.values() for r in arm.values())
+    rouge_head = " greedy ROUGE-L |" if has_rouge else ""
+    lines += [
+        f"| arm | init | loss | seeds | dev NLL / token | token acc % |{rouge_head} gap closed | train s | eval s |",
+        "|---" * (9 + has_rouge) + "|",
+    ]
+    table = {}
+
+    def rouge_cell(results) -> str:
+        if not has_rouge:
+            return ""
+        vals = [r["rouge"]["mean"]["rougeL"] for r in results if r.get("rouge")]
+        return f" {statistics.mean(vals):.2f} |" if vals else " – |"
+
+    for name, ref in refs.items():
+        s = ref["dev_summary"]
+        lines.append(
+            f"| {'teacher' if name == 'teacher' else f'{name} init, untrained'} | – | – | – | {s['nll']:.4f} | {s['accuracy']:.2f} |{rouge_cell([ref])}"
+            f" – | – | {ref['eval_seconds']:.0f} |"
+        )
+    for arm in [a for a in ARMS if a in runs]:
+        seeds = sorted(runs[arm])
+        results = [runs[arm][s] for s in seeds]
+        nll = [r["dev_summary"]["nll"] for r in results]
+        acc = [r["dev_summary"]["accuracy"] for r in results]
+        init, loss = ARMS[arm]
+        start = refs.get(init, {}).get("dev_summary", {}).get("nll")
+        gap = gap_closed(start, statistics.mean(nll), teacher_nll) if start is not None and teacher_nll else None
+        sd = f" ± {statistics.stdev(nll):.4f}" if len(nll) > 1 else ""
+        tsec = statistics.mean(r["train_seconds"] for r in results)
+        esec = statistics.mean(r["eval_seconds"] for r in results)
+        gap_text = "–" if gap is None else f"{100 * gap:.1f}%"
+        lines.append(
+            f"| {arm} | {init} | {loss} | {','.join(map(str, seeds))} | {statistics.mean(nll):.4f}{sd} | "
+            f"{statistics.mean(acc):.2f} |{rouge_cell(results)} {gap_text} | {tsec:.0f} | {esec:.0f} |"
+        )
+        table[arm] = {"seeds": seeds, "nll": nll, "accuracy": acc, "gap_closed": gap}
+    comps = compare_runs(runs)
+    lines += [
+        "",
+        (
+            "Gap closed: (untrained init NLL - arm NLL) / (untrained init NLL - teacher NLL). Paired differences x - y "
+            "over the same dev examples (bootstrap 95% interval over examples, 2000 draws; pooled = mean over the shared "
+            "training seeds; * = interval excludes 0). NLL: nats per completion token, negative = x better; accuracy: "
+            "points, positive = x better."
+        ),
+        "",
+        f"| x - y | question | seeds | Δ dev NLL | Δ token acc |{' Δ ROUGE-L |' if has_rouge else ''}",
+        "|---" * (5 + has_rouge) + "|",
+    ]
+    for c in comps:
+        rouge = (f" {_fmt_ci(c['rougeL']['pooled'], 2)} |" if "rougeL" in c else " – |") if has_rouge else ""
+        lines.append(
+            f"| {c['x']} - {c['y']} | {c['question']} | {','.join(map(str, c['seeds']))} | "
+            f"{_fmt_ci(c['nll']['pooled'], 4)} | {_fmt_ci(c['accuracy']['pooled'], 2)} |{rouge}"
+        )
+        if len(c["seeds"]) > 1:
+            for seed, r in c["nll"]["per_seed"].items():
+                acc = c["accuracy"]["per_seed"][seed]
+                lines.append(f"| ↳ seed {seed} | | | {_fmt_ci(r, 4)} | {_fmt_ci(acc, 2)} |{' |' if has_rouge else ''}")
+    missing = [f"{arm}/seed{s}" for s in args.seeds for arm in args.arms if s not in runs.get(arm, {})]
+    if missing:
+        lines += [
+            "",
+            f"**Partial**: {len(missing)} (arm, seed) runs of this invocation's plan not done: {', '.join(missing)}.",
+        ]
+    md = "\n".join(lines)
+    summary = {"task": args.task, "profile": args.profile, "arms": table, "comparisons": comps,
+               "references": {k: v["dev_summary"] for k, v in refs.items()}, "missing": missing, "table": md}  # fmt: skip
+    harness.write_results(out, "results", summary, md)
+    print(md)
+    return summary
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -99,48 +99,9 @@ TASK_PRESETS = {"dialogsum": {"tiny": dict(max_length=384, eval_max_length=1024)
 # ----------------------------------------------------------------------------------------------------------------
 # pure statistics (tested in tests/test_benchmarks.py)
 # ----------------------------------------------------------------------------------------------------------------
-def per_token(sums, tokens) -> float:
-    """Per-token mean of per-example sums (the ratio of totals, as a dev NLL is reported)."""
-    total = float(sum(tokens))
-    if total <= 0:
-        raise ValueError("per_token needs a positive token count.")
-    return float(sum(sums)) / total
-
-
-def _boot_indices(n: int, n_boot: int, seed: int):
-    import numpy as np
-
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Paired difference of per-token means, x - y, with a bootstrap 95% interval over examples.
-
-    `x_runs` / `y_runs` hold one list of per-example sums per training seed (the same examples, in the same order,
-    for every run; `tokens[i]` is example i's token count). With several seeds the statistic is the mean over seeds
-    of the per-seed differences, and each bootstrap draw resamples the examples once for all seeds (the examples
-    are the shared source of noise; seed-to-seed spread is reported next to it, not folded in).
-
-    Returns `{"diff", "ci95": [lo, hi], "per_seed": [...], "n_examples", "n_seeds", "excludes_zero"}`.
-    """
-    import numpy as np
-
-    x, y = np.asarray(x_runs, dtype=np.float64), np.asarray(y_runs, dtype=np.float64)
-    if x.ndim == 1:
-        x, y = x[None], y[None]
-    t = np.asarray(tokens, dtype=np.float64)
-    if x.shape != y.shape or x.shape[1] != t.shape[0]:
-        raise ValueError(f"paired_difference needs equal shapes: x {x.shape}, y {y.shape}, tokens {t.shape}.")
-    if x.shape[1] == 0:
-        raise ValueError("paired_difference needs at least one example.")
-    d = x - y  # (seeds, examples)
-    per_seed = d.sum(1) / t.sum()
-    idx = _boot_indices(t.shape[0], n_boot, seed)
-    boot = d[:, idx].sum(-1) / t[idx].sum(-1)  # (seeds, n_boot)
-    boot = boot.mean(0)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(per_seed.mean()), "ci95": [float(lo), float(hi)], "per_seed": per_seed.tolist(),
-            "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0)}  # fmt: skip
+# The paired statistics and the teacher-forced pass live in the shared harness (same code as speed_memory/cache).
+per_token = harness.per_token
+paired_difference = harness.paired_difference
 
 
 def gap_closed(start: float, arm: float, teacher: float) -> float | None:
@@ -278,33 +239,8 @@ def _collator(tokenizer, max_length):
     return DataCollatorForChatML(tokenizer=tokenizer, max_length=max_length)
 
 
-def _batches(dataset, collator, batch_size: int, sort: bool = True):
-    """[(row indices, batch)], rows grouped by length (little padding) when `sort`."""
-    lengths = [len(collator([dataset[i]])["input_ids"][0]) for i in range(len(dataset))]
-    order = sorted(range(len(dataset)), key=lambda i: lengths[i]) if sort else list(range(len(dataset)))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [(rows, collator([dataset[i] for i in rows])) for rows in chunks]
-
-
-def teacher_forced(model, batches, n: int) -> dict:
-    """Per dev example: summed NLL of its completion tokens, how many the argmax predicts, how many there are."""
-    import torch
-    import torch.nn.functional as F
-
-    nll, correct, tokens = [0.0] * n, [0] * n, [0] * n
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for rows, b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            targets = b["labels"][:, 1:]
-            mask = targets != -100
-            loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * mask
-            hit = (logits.argmax(-1) == targets) & mask
-            for j, row in enumerate(rows):
-                nll[row], correct[row], tokens[row] = float(loss[j].sum()), int(hit[j].sum()), int(mask[j].sum())
-    model.train(was_training)
-    return {"nll": nll, "correct": correct, "tokens": tokens}
+_batches = harness.length_batches
+teacher_forced = harness.teacher_forced
 
 
 def greedy_rouge(model, tokenizer, args) -> dict | None:

@@ -26,14 +26,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .data import DATA_FILE_SUFFIXES, data_label
 from .provenance import FLEX_KD_PAPER, is_hub_id, local_label, model_reference, reference_text
-from .selection import CONFIG_KEY, SCORES_NAME, UnitSelection, load_unit_selection
+from .selection import CONFIG_KEY, REPORT_NAME, REPORT_PLOT_NAME, SCORES_NAME, UnitSelection, load_unit_selection
 
 
 logger = logging.getLogger(__name__)
 
 PLOT_NAME = "unit_scores.png"
-REPORT_NAME = "selection_report.json"  # keep-k curve of the selection (`hf-taskdistill select`), optional
-REPORT_PLOT_NAME = "selection_report.png"
 # ROUGE everywhere (eval output, card table, model-index) is the F-measure x 100, rounded to two decimals: the scale of
 # `hf-taskdistill eval`, of MiniLLM/DistiLLM, and of transformers' summarization examples (`round(v * 100, 4)`).
 ROUGE_LABEL = "ROUGE-L F1 (x100)"

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from .hooks import decoder_layers
 from .losses import valid_positions
+from .selection import REPORT_NAME
+from .selection import REPORT_PLOT_NAME as PLOT_NAME  # the file names live with the other selection files
 
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "selection_report.json"
-PLOT_NAME = "selection_report.png"
+
 FORMAT_VERSION = 1
 REFERENCE_CRITERIA = ("random", "activation")
 # Batch keys handed to the model besides `input_ids` (padded batches, or padding-free packed ones).

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 CONFIG_KEY = "task_distill"
 SIDECAR_NAME = "task_distill.json"
 SCORES_NAME = "task_distill_scores.safetensors"
+# The keep-k report of a selection (`hf-taskdistill select --report`, `hf_taskdistill.report`), kept beside it.
+REPORT_NAME = "selection_report.json"
+REPORT_PLOT_NAME = "selection_report.png"
 FORMAT_VERSION = 1
 SELECTION_METHODS = ("grad", "grad_x_act", "random", "projector")
 _TOP_KEYS = {

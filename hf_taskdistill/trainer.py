@@ -26,17 +26,14 @@ from .hooks import LayerTap, resolve_layer_index
 from .losses import feature_loss, valid_positions
 from .provenance import FLEX_KD_PAPER, cached_revision, is_hub_id, model_reference
 from .scoring import model_inputs, select_task_units
-from .selection import LayerSelection, UnitSelection, load_unit_selection
+from .selection import REPORT_NAME, REPORT_PLOT_NAME, LayerSelection, UnitSelection, load_unit_selection
 
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_ATTR = "fd_proj"
-PROJECTOR_FILE = "_feature_projector.safetensors"
-REPORT_FILES = (
-    "selection_report.json",
-    "selection_report.png",
-)  # written by `hf-taskdistill select --report`  # leading "_": skipped by Trainer.push_to_hub
+PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Trainer.push_to_hub
+REPORT_FILES = (REPORT_NAME, REPORT_PLOT_NAME)  # written by `hf-taskdistill select --report`
 
 
 def _text_config(model_or_path: Any, init_kwargs: dict | None = None, who: str = "model"):

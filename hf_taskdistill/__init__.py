@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 # `import hf_taskdistill.losses` does not pay for importing TRL.
 _EXPORTS = {
     "TeacherCache": "cache",
-    "build_teacher_cache": "cache",
+    "build_teacher_cache": "cache_build",
     "open_teacher_cache": "cache",
     "prune_teacher": "pruning",
     "FeatureDistillSFTTrainer": "trainer",
@@ -30,7 +30,8 @@ _EXPORTS = {
 }
 
 if _TYPE_CHECKING:  # pragma: no cover
-    from .cache import TeacherCache, build_teacher_cache, open_teacher_cache
+    from .cache import TeacherCache, open_teacher_cache
+    from .cache_build import build_teacher_cache
     from .config import TaskFeatureDistillConfig
     from .losses import feature_distillation_loss, feature_loss
     from .pruning import prune_teacher

@@ -14,7 +14,7 @@ from datasets import Dataset
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import DataCollatorForChatML
 
-from hf_taskdistill import cache as cache_mod
+from hf_taskdistill import cache_build as build_mod
 from hf_taskdistill.cache import (
     TeacherCache,
     TeacherCacheError,
@@ -266,14 +266,14 @@ class _Killed(Exception):
 def test_killed_build_resumes_and_never_publishes_a_partial_shard(teacher, tokenizer, data, tmp_path, monkeypatch):
     calls = []
     teacher.model.register_forward_hook(lambda *a: calls.append(1))
-    original = cache_mod._ShardWriter.write
+    original = build_mod._ShardWriter.write
 
     def dies_in_third_shard(self, records):
         original(self, records)
         if self.name.endswith("-00002.arrow"):
             raise _Killed
 
-    monkeypatch.setattr(cache_mod._ShardWriter, "write", dies_in_third_shard)
+    monkeypatch.setattr(build_mod._ShardWriter, "write", dies_in_third_shard)
     with pytest.raises(_Killed):
         _build(teacher, data, tokenizer, tmp_path / "c")  # 20 examples, shards of 6: 4 shards, dies in the third
     files = sorted(os.listdir(tmp_path / "c"))
@@ -282,7 +282,7 @@ def test_killed_build_resumes_and_never_publishes_a_partial_shard(teacher, token
     assert "shard-r00000-of-00001-00002.arrow.tmp" in files and "teacher_cache.json" not in files
     with pytest.raises(TeacherCacheError, match="unfinished"):
         TeacherCache(tmp_path / "c")
-    monkeypatch.setattr(cache_mod._ShardWriter, "write", original)
+    monkeypatch.setattr(build_mod._ShardWriter, "write", original)
     calls.clear()
     resumed = _build(teacher, data, tokenizer, tmp_path / "c")
     assert len(calls) == 3  # shards 2 and 3 only: 6 + 2 examples in batches of 3
@@ -414,7 +414,7 @@ def test_disk_full_and_read_only_give_clear_errors(teacher, tokenizer, data, tmp
 
     calls = []
     teacher.model.register_forward_hook(lambda *a: calls.append(1))
-    monkeypatch.setattr(cache_mod, "open", refuse, raising=False)  # the probe write of `check_output_dir`
+    monkeypatch.setattr(build_mod, "open", refuse, raising=False)  # the probe write of `check_output_dir`
     with pytest.raises(TeacherCacheWriteError, match=message):
         _build(teacher, data, tokenizer, tmp_path / "d")
     assert calls == []  # raised before any teacher work

@@ -49,7 +49,7 @@ def run(cache_args, script_args, training_args, model_args):
     from transformers import AutoModelForCausalLM
     from trl.experimental.utils import DataCollatorForChatML
 
-    from ..cache import build_teacher_cache, check_output_dir
+    from ..cache_build import build_teacher_cache, check_output_dir
     from ..selection import SIDECAR_NAME, load_unit_selection
 
     teacher_id = training_args.teacher_model_name_or_path

@@ -68,6 +68,9 @@ def main(out_dir: str, per_device: int) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    if torch.distributed.is_initialized():  # a clean gloo teardown: exiting with live gloo threads can abort a rank
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ on top, normalised by the same `num_items_in_batch` as the host loss.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection
 
+from .cache_host import CachedGKDMixin, CachedTeacherMixin, selection_pairs  # noqa: F401 (selection_pairs: re-export)
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap, resolve_layer_index
 from .losses import feature_loss, valid_positions
@@ -88,10 +88,6 @@ def _coerce_args(args: Any, model: Any, trainer_name: str) -> TaskFeatureDistill
     return converted
 
 
-def selection_pairs(selection: UnitSelection) -> list[tuple[int, int]]:
-    return [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
-
-
 def _sanitized_reference(reference: dict | None) -> dict | None:
     """A stored teacher reference with any local path reduced to a local label (old selections stored paths)."""
     if not reference or not (reference.get("model_id") or reference.get("local_name")):
@@ -101,8 +97,9 @@ def _sanitized_reference(reference: dict | None) -> dict | None:
     return dict(reference)
 
 
-class _FeatureDistillMixin:
-    """Selection, taps, projector and the feature term, shared by both hosts."""
+class _FeatureDistillMixin(CachedTeacherMixin):
+    """Selection, taps, projector and the feature term, shared by both hosts (training from a teacher cache:
+    `CachedTeacherMixin`, in `cache_host.py`)."""
 
     _host_loss_name = "loss"
     _default_logit_loss = "jsd"
@@ -235,86 +232,6 @@ class _FeatureDistillMixin:
         self._student_tap = LayerTap(self.model, [ls.student_layer for ls in selection.layers])
         if selection.selection_method == "projector":
             self._add_projector(student, s_cfg.hidden_size, teacher_hidden_size, len(selection.layers))
-
-    def _setup_from_cache(self, teacher_model: Any, unit_selection: Any, references: dict) -> None:
-        """Open `args.teacher_cache`, check it against this run before any step, take its selection, and wrap the
-        collator so every batch carries the cached teacher tensors. No teacher is loaded."""
-        from .cache import open_teacher_cache
-
-        args: TaskFeatureDistillConfig = self.args
-        self._warn_engine()
-        self._fd_teacher = self._teacher_tap = None
-        self._fd_active = args.feature_loss_weight > 0
-        self.unit_selection = None
-        self._student_tap = None
-        eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
-        eval_sets = {k: v for k, v in eval_sets.items() if v is not None}
-        cache = open_teacher_cache(
-            args.teacher_cache,
-            tokenizer=self.processing_class,
-            max_length=args.max_length,
-            teacher=teacher_model if isinstance(teacher_model, str) else None,
-            temperature=1.0 if self._default_logit_loss == "jsd" else None,  # GKD's divergence uses temperature 1
-            need_logits=self._default_logit_loss == "jsd",
-            dataset=self.train_dataset,
-            collator=self.data_collator,
-            allow_extra=bool(eval_sets),  # one cache may hold the train and eval examples
-        )
-        for dataset in eval_sets.values():
-            cache.check_dataset(dataset, self.data_collator, allow_extra=True)
-        self._fd_cache = cache
-        self.data_collator = cache.wrap_collator(self.data_collator)
-        if not self._fd_active:
-            return
-        if unit_selection is None and args.selection_path:
-            unit_selection = args.selection_path
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if unit_selection is None and not args.feature_projector and self._pruning_record(student):
-            unit_selection = student.config.task_distill  # a pruned student's own units, as online
-        selection = load_unit_selection(unit_selection) if unit_selection is not None else cache.selection
-        if args.feature_projector and selection is not None and selection.selection_method != "projector":
-            # the projector matches whole teacher layers: the cache must hold them (`--full_layer`)
-            layers = cache.header.get("layers") or []
-            if not all(layer.get("full") for layer in layers):
-                raise ValueError(
-                    f"feature_projector=True needs whole teacher layers, but the teacher cache {args.teacher_cache} "
-                    "holds selected units only: rebuild it with `--full_layer` (full_layer=True)."
-                )
-            selection = UnitSelection(
-                layers=[LayerSelection(ls.student_layer, ls.teacher_layer, None) for ls in selection.layers],
-                selection_method="projector",
-                teacher_hidden_size=selection.teacher_hidden_size,
-                student_hidden_size=student.config.get_text_config().hidden_size,
-                teacher=selection.teacher,
-            )
-        if selection is None:
-            raise ValueError(
-                f"The teacher cache {args.teacher_cache} holds logits only (no teacher units), but "
-                f"feature_loss_weight={args.feature_loss_weight}: rebuild it with a selection "
-                "(`hf-taskdistill cache --selection_path ...`), or set feature_loss_weight=0."
-            )
-        if selection.selection_method != "projector":
-            cache.check_compatible(selection=selection)
-        s_cfg = student.config.get_text_config()
-        for ls in selection.layers:
-            resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
-        self._reconcile_stored(selection, selection_pairs(selection), s_cfg, None, references)
-        if args.feature_layers is not None:
-            # The cache's header records the teacher's layer count, so negative teacher indices resolve as online.
-            n_t = (cache.header.get("teacher_config") or {}).get("num_hidden_layers")
-            stored = selection_pairs(selection)
-            if args.feature_layers == "all" or n_t is None:
-                wanted = None if args.feature_layers == "all" else [tuple(p) for p in args.feature_layers]
-            else:
-                wanted = args.resolve_layer_pairs(s_cfg.num_hidden_layers, n_t)
-            if wanted != stored:
-                raise ValueError(
-                    f"feature_layers={args.feature_layers} does not match the layer pairs the teacher cache holds, "
-                    f"{stored} (student, teacher): drop feature_layers to use them, or rebuild the cache."
-                )
-        self._finish_selection(
-            selection, student, s_cfg, references, teacher_hidden_size=selection.teacher_hidden_size
-        )
 
     def _resolve_selection(self, unit_selection, teacher, references, pairs, s_cfg, t_cfg) -> UnitSelection:
         args: TaskFeatureDistillConfig = self.args
@@ -553,27 +470,6 @@ class _FeatureDistillMixin:
         self._log_host(host, inputs, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
 
-    def _cached_logit_loss(self, model, inputs, cached, return_outputs, num_items_in_batch):
-        """The host loss from a teacher cache, `(loss, outputs or None)`: SFT's own cross-entropy, or GKD's
-        generalized JSD over the cached top-K + tail (`sparse_kd`), reduced like `GKDTrainer.generalized_jsd_loss`."""
-        # Only ask SFT for outputs when the caller does: with return_outputs=True it runs a second (no-grad) forward,
-        # which would overwrite the student tap's capture.
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return result if return_outputs else (result, None)
-
-    def _compute_loss_from_cache(self, model, inputs, return_outputs, num_items_in_batch):
-        cached = self._fd_cache.pop_batch(inputs, self.unit_selection)  # the model call never sees the cached keys
-        capture = self._student_tap.capture() if self._fd_active else contextlib.nullcontext({})
-        with capture as student_out:
-            host, outputs = self._cached_logit_loss(model, inputs, cached, return_outputs, num_items_in_batch)
-        host = host * self._host_correction(num_items_in_batch)
-        loss = host
-        if self._fd_active:
-            feature = self._feature_term(student_out, cached.units, inputs["labels"], num_items_in_batch)
-            loss = host + self.args.feature_loss_weight * feature.to(host.device, host.dtype)
-        self._log_host(host, inputs, num_items_in_batch)
-        return (loss, outputs) if return_outputs else loss
-
     def _feature_term(self, student_out, teacher_out, labels, num_items_in_batch) -> torch.Tensor:
         mask = valid_positions(labels)
         projector = self._projector()
@@ -710,7 +606,7 @@ class _FeatureDistillMixin:
                                    token=token, revision=revision, private=private, **kwargs)  # fmt: skip
 
 
-class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
+class FeatureDistillTrainer(CachedGKDMixin, _FeatureDistillMixin, GKDTrainer):
     """TRL's [`~trl.experimental.gkd.GKDTrainer`] plus task-selected feature distillation.
 
     The loss is GKD's generalized JSD (off-policy with `lmbda=0`, on-policy with `lmbda>0`) plus
@@ -761,36 +657,6 @@ class FeatureDistillTrainer(_FeatureDistillMixin, GKDTrainer):
         if self.is_fsdp_enabled:
             self.teacher_model = self._prepare_teacher(self.teacher_model)
         self._setup_feature_distillation(self.accelerator.unwrap_model(self.teacher_model), unit_selection, references)
-
-    def _init_without_teacher(self, model, args, train_dataset, kwargs) -> None:
-        # `GKDTrainer.__init__` loads and places a teacher, and a cache has none: run its set-up without that part
-        # (the ChatML collator, the dataset left unprepared for it, dropout off); on-policy steps are refused by
-        # the config, so GKD's generation settings are never used.
-        from trl.experimental.utils import DataCollatorForChatML
-        from trl.trainer.utils import disable_dropout_in_model
-
-        args.remove_unused_columns = False
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = DataCollatorForChatML(tokenizer=kwargs.get("processing_class"),
-                                                            max_length=args.max_length)  # fmt: skip
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        SFTTrainer.__init__(self, model=model, args=args, train_dataset=train_dataset, **kwargs)
-        if args.disable_dropout:
-            disable_dropout_in_model(self.model)
-        self.teacher_model = None
-        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
-
-    def _cached_logit_loss(self, model, inputs, cached, return_outputs, num_items_in_batch):
-        from .sparse_kd import sparse_generalized_jsd_loss
-
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        mask = valid_positions(inputs["labels"]).to(outputs.logits.device)
-        total = sparse_generalized_jsd_loss(outputs.logits, cached.topk_ids.to(mask.device),
-                                            cached.topk_logprobs.to(mask.device), cached.tail_logprob.to(mask.device),
-                                            mask, beta=self.beta)  # fmt: skip
-        if num_items_in_batch is not None:
-            return total / torch.as_tensor(num_items_in_batch, device=total.device), outputs
-        return total / mask.sum().clamp_min(1), outputs
 
 
 class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):

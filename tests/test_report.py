@@ -327,6 +327,23 @@ def test_select_report_with_a_pruned_width(workspace, tmp_path, capsys):
         assert str(workspace).encode() not in path.read_bytes(), path.name
 
 
+def test_select_report_recovery_trains_the_cut_on_rows_outside_the_held_out_ones(workspace, tmp_path, capsys):
+    from hf_taskdistill.cli import main
+
+    out = tmp_path / "recovered"
+    argv = ["select", "--config", str(workspace / "recipe.yaml"), "--output_dir", str(out), "--report",
+            "--report_num_samples", "12", "--report_prune_hidden_size", "16", "--report_k_grid", "16", "32",
+            "--recovery_steps", "3", "--learning_rate", "0.01"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    pruned = json.loads((out / REPORT_NAME).read_text())["pruned"]
+    assert pruned["recovery_steps"] == 3 and pruned["nll_after"] is not None and pruned["recovery_train_loss"]
+    # three steps at lr 0.01 from a random-init toy teacher's cut: the held-out NLL moves (and the report says so)
+    assert abs(pruned["nll_after"] - pruned["nll_before"]) > 1e-3
+    assert f"reaches {pruned['nll_after']:.3f} after 3 distillation steps" in printed
+    assert not any(p.name.startswith("checkpoint") for p in out.iterdir())  # nothing of the recovery is saved
+
+
 def test_select_report_errors_come_before_scoring(workspace, tmp_path, monkeypatch, capsys):
     import hf_taskdistill.scoring
     from hf_taskdistill.cli import main
@@ -343,6 +360,7 @@ def test_select_report_errors_come_before_scoring(workspace, tmp_path, monkeypat
         (["--report_prune_hidden_size", "17"], "Nearest valid sizes"),
         (["--report_prune_hidden_size", "16", "--report_prune_criterion", "magic"], "criterion must be one of"),
         (["--report_k_grid", "8", "40"], r"1\.\.32"),
+        (["--recovery_steps", "2"], "report_prune_hidden_size"),
     ]
     for flags, match in cases:
         with pytest.raises(ValueError, match=match):

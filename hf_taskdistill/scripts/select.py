@@ -6,7 +6,10 @@ the scoring. Under `torch.distributed` every rank scores its share and all ranks
 
 With `--report`, examples outside the scoring subset are held out and the keep-k curve of the scored teacher layer
 is measured on them (`hf_taskdistill.report`): `selection_report.json` and `selection_report.png` are written next
-to `task_distill.json`, and its one-sentence summary is printed.
+to `task_distill.json`, and its one-sentence summary is printed. `--report_prune_hidden_size K` adds the held-out NLL
+of the teacher cut to K units before training, and `--recovery_steps N` (alias of `--report_recovery_steps`) its NLL
+after N steps of the recipe's own distillation from the cut (same host, losses and optimiser settings as `train`; the
+student keeps its cut's units, nothing is saved).
 """
 
 from __future__ import annotations
@@ -41,12 +44,20 @@ class SelectReportArguments:
         metadata={"help": "Criterion of that cut: grad, grad_x_act, fisher, activation or random (default: the "
                   "default of `hf-taskdistill prune`)."},
     )  # fmt: skip
+    report_recovery_steps: int | None = field(
+        default=None,
+        metadata={"aliases": ["--recovery_steps"],
+                  "help": "Also report the cut student's NLL after this many steps of the recipe's distillation (on "
+                  "training rows outside the held-out examples). Needs --report_prune_hidden_size."},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.report_num_samples < 1:
             raise ValueError(f"report_num_samples must be >= 1, got {self.report_num_samples}.")
         if self.report_prune_hidden_size is not None and self.report_prune_hidden_size < 1:
             raise ValueError(f"report_prune_hidden_size must be >= 1, got {self.report_prune_hidden_size}.")
+        if self.report_recovery_steps is not None and self.report_recovery_steps < 1:
+            raise ValueError(f"report_recovery_steps must be >= 1, got {self.report_recovery_steps}.")
 
 
 def make_select_parser():
@@ -67,6 +78,10 @@ def _check_report_args(report_args: SelectReportArguments, teacher_config, k: in
         if not 1 <= width <= d_t:
             raise ValueError(f"--report_k_grid values must lie in 1..{d_t} (the teacher's hidden size), got {width}.")
     if report_args.report_prune_hidden_size is None:
+        if report_args.report_recovery_steps is not None:
+            raise ValueError(
+                "--recovery_steps trains the pruned student: give its width with --report_prune_hidden_size K."
+            )
         return
     if not report_args.report:
         raise ValueError("--report_prune_hidden_size is part of the report: add --report.")
@@ -87,6 +102,7 @@ def _check_report_args(report_args: SelectReportArguments, teacher_config, k: in
 def run(script_args, training_args, model_args, report_args: SelectReportArguments | None = None):
     """Score and save; returns the `UnitSelection`."""
     import torch
+    from datasets import concatenate_datasets
     from torch.utils.data import DataLoader
     from transformers import AutoConfig, AutoModelForCausalLM
     from trl.experimental.utils import DataCollatorForChatML
@@ -152,13 +168,38 @@ def run(script_args, training_args, model_args, report_args: SelectReportArgumen
     if report_args.report:
         held = shuffled.select(range(n, min(len(train), n + report_args.report_num_samples)))
         heldout = list(DataLoader(held, batch_size=batch_size, collate_fn=collator))
-        _report(teacher, selection, batches, heldout, report_args, training_args, k)
+        # the recovery trains on the rows outside the held-out ones (the scoring subset last)
+        rest = shuffled.select(range(n + len(held), len(train)))
+        recovery = concatenate_datasets([rest, subset]) if len(rest) else subset
+        _report(teacher, selection, batches, heldout, report_args, training_args, k, recovery, tokenizer)
         if training_args.should_save:
             selection.save(training_args.output_dir)  # now with the report's summary in its diagnostics
     return selection
 
 
-def _report(teacher, selection, batches, heldout, report_args, training_args, k):
+def _recover(student, teacher, tokenizer, dataset, training_args, steps: int):
+    """`steps` steps of the recipe's distillation from the cut, as `train` would run it (the GKD host, or the SFT
+    host for `logit_loss: none`); the student reuses the units of its `init` block. Nothing is saved or pushed."""
+    import tempfile
+
+    from ..config import TaskFeatureDistillConfig
+    from ..trainer import FeatureDistillSFTTrainer, FeatureDistillTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TaskFeatureDistillConfig.from_training_args(
+            training_args, output_dir=tmp, max_steps=steps, save_strategy="no", eval_strategy="no", report_to="none",
+            push_to_hub=False, logging_steps=max(1, steps // 4), selection_path=None, teacher_cache=None,
+            resume_from_checkpoint=None,
+        )  # fmt: skip
+        host = FeatureDistillSFTTrainer if args.logit_loss == "none" else FeatureDistillTrainer
+        trainer = host(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                       processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer.model, losses
+
+
+def _report(teacher, selection, batches, heldout, report_args, training_args, k, recovery=None, tokenizer=None):
     """The keep-k curve (and the pruned student's NLL) of the deepest scored layer; written and summarised."""
     from ..provenance import model_reference
     from ..report import keep_k_curve, model_nll, report_sentence, write_report
@@ -182,9 +223,15 @@ def _report(teacher, selection, batches, heldout, report_args, training_args, k)
             "criterion": criterion,
             "num_parameters": int(result.num_parameters),
             "nll_before": round(model_nll(result.model, heldout)["nll"], 6),
-            "nll_after": None,  # `--recovery_steps` (a short distillation from the cut) is not wired yet
+            "nll_after": None,
             "recovery_steps": None,
         }
+        steps = report_args.report_recovery_steps
+        if steps:
+            student, losses = _recover(result.model, teacher, tokenizer, recovery, training_args, steps)
+            report["pruned"].update(nll_after=round(model_nll(student, heldout)["nll"], 6), recovery_steps=steps,
+                                    recovery_train_loss=[round(x, 6) for x in losses])  # fmt: skip
+            del student
         del result
     at = report["k_grid"].index(k)
     selection.diagnostics["keep_k"] = {

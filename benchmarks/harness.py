@@ -10,6 +10,8 @@
 - `length_batches` + `teacher_forced`: per-example completion NLL / token accuracy of a model on held-out rows;
   `per_token` (ratio of totals) and `paired_difference` (x - y per token, bootstrap 95% interval over examples) compare
   two runs on the same examples.
+- `rouge_per_example(model, tokenizer, examples, rouge_types, ...)`: ROUGE x 100 per test example of a model's
+  greedy (or seeded sampled) responses, so two models can be compared paired over the same items.
 - `hardware_line(device, threads)`: the line every result file names its hardware with.
 - `md_table(header, rows)`: a Markdown table's lines; `write_results(out_dir, name, results, markdown)`: `<name>.json`
   and `<name>.md` side by side.
@@ -314,6 +316,34 @@ def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"diff": float(per_seed.mean()), "ci95": [float(lo), float(hi)], "per_seed": per_seed.tolist(),
             "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0)}  # fmt: skip
+
+
+def rouge_per_example(
+    model,
+    tokenizer,
+    examples,
+    rouge_types=("rougeL",),
+    seed: int = 0,
+    do_sample: bool = False,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+) -> dict[str, list[float]]:
+    """ROUGE F x 100 of each example's response (max over its references), `{type: [per example]}`.
+
+    `examples` come from `hf_taskdistill.data.load_eval_set`; responses from `hf_taskdistill.evaluation`'s
+    `generate_responses` with the protocol's chat prompts: greedy, or sampled (temperature 1) seeded with `seed`.
+    """
+    from hf_taskdistill.evaluation import build_eval_prompts, generate_responses, rouge_scores
+
+    prompts = build_eval_prompts(tokenizer, examples, "chat")
+    outputs = generate_responses(model, tokenizer, prompts, seed=seed, batch_size=batch_size, do_sample=do_sample,
+                                 progress=False, max_new_tokens=max_new_tokens)  # fmt: skip
+    per: dict[str, list[float]] = {t: [] for t in rouge_types}
+    for out, ex in zip(outputs, examples, strict=True):
+        scores = rouge_scores([out], [ex["references"]], rouge_types, implementation="rouge_score")
+        for t in rouge_types:
+            per[t].append(float(scores[t]))
+    return per
 
 
 # ----------------------------------------------------------------------------------------------------------------

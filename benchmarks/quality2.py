@@ -58,6 +58,7 @@ ARMS = {
     "fresh_units": ("fresh", "kd_units"),
     "fresh_projector": ("fresh", "kd_projector"),
 }
+INSTRUCTION_SETS = ("dolly", "self_inst", "vicuna", "sinst", "unni_slice")  # the protocol's five test sets
 DEFAULT_ORDER = ["A", "B", "C", "D", "G", "E", "F", "fresh_kd", "fresh_units", "fresh_projector"]
 # (x, y, question): the paired difference x - y answers it
 COMPARISONS = [
@@ -182,6 +183,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_inits", action="store_true", help="also evaluate the untrained inits and the teacher")
     p.add_argument("--deadline", default=None, help="HH:MM UTC: start no part that is not expected to end by then")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rouge_eval", type=int, default=0, metavar="N",
+                   help="the ROUGE pass: the first N items of every test set (--rouge_sets), for every saved student "
+                   "of --seeds x --arms and the teacher; resumable, and never retrains")  # fmt: skip
+    p.add_argument(
+        "--rouge_sets",
+        nargs="+",
+        default=None,
+        help="default: dolly self_inst vicuna sinst unni_slice (Dolly task), dialogsum (DialogSum task)",
+    )
+    p.add_argument(
+        "--rouge_gen_seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="sampled decoding (temperature 1) per seed, besides greedy; the protocol uses 10 20 ...",
+    )
     p.add_argument("--aggregate_only", action="store_true")
     p.add_argument("--prepare_only", action="store_true",
                    help="stop after the shared parts (scoring, cuts, cache): then arms can run in parallel processes")  # fmt: skip
@@ -198,6 +215,7 @@ def settings(argv=None) -> argparse.Namespace:
     if args.teacher_sft_steps is None:  # the first design found SFT changes the teacher on DialogSum, not on Dolly
         args.teacher_sft_steps = TEACHER_SFT_STEPS[args.profile] if args.task == "dialogsum" else 0
     args.arms = args.arms or list(DEFAULT_ORDER)
+    args.rouge_sets = args.rouge_sets or (["dialogsum"] if args.task == "dialogsum" else list(INSTRUCTION_SETS))
     name = f"{args.task}-{args.profile}"
     args.work_dir = args.work_dir or os.path.join(ROOT, "local", "bench", "quality2", name)
     # the smoke test's tables stay out of the committed results
@@ -244,29 +262,23 @@ teacher_forced = harness.teacher_forced
 
 
 def greedy_rouge(model, tokenizer, args) -> dict | None:
-    """Greedy ROUGE-L (ROUGE-1/2/L on DialogSum) per test example, on the first `rouge_samples` test items."""
+    """Greedy ROUGE-L (ROUGE-1/2/L on DialogSum) per test example, on the first `rouge_samples` test items (inline,
+    at the end of each arm; `--rouge_eval` is the separate pass over saved students on every test set)."""
     if not args.rouge_samples:
         return None
     from hf_taskdistill.data import load_eval_set
-    from hf_taskdistill.evaluation import (
-        SUMMARIZATION_ROUGE_TYPES,
-        build_eval_prompts,
-        generate_responses,
-        rouge_scores,  # fmt: skip
-    )
 
     examples = load_eval_set(args.task, args.data_dir)[: args.rouge_samples]
-    prompts = build_eval_prompts(tokenizer, examples, "chat")
-    outputs = generate_responses(model, tokenizer, prompts, seed=0, batch_size=args.eval_batch_size,
-                                 do_sample=False, progress=False, max_new_tokens=args.max_new_tokens)  # fmt: skip
-    types = SUMMARIZATION_ROUGE_TYPES if args.task == "dialogsum" else ("rougeL",)
-    per = {t: [] for t in types}
-    for out, ex in zip(outputs, examples, strict=True):
-        scores = rouge_scores([out], [ex["references"]], types, implementation="rouge_score")
-        for t in types:
-            per[t].append(scores[t])
+    per = harness.rouge_per_example(model, tokenizer, examples, rouge_types(args.task), batch_size=args.eval_batch_size,
+                                    max_new_tokens=args.max_new_tokens)  # fmt: skip
     return {"n": len(examples), "max_new_tokens": args.max_new_tokens, "per_example": per,
             "mean": {t: sum(v) / len(v) for t, v in per.items()}}  # fmt: skip
+
+
+def rouge_types(task: str) -> tuple[str, ...]:
+    from hf_taskdistill.evaluation import SUMMARIZATION_ROUGE_TYPES
+
+    return tuple(SUMMARIZATION_ROUGE_TYPES) if task == "dialogsum" else ("rougeL",)
 
 
 def dev_summary(dev: dict) -> dict:
@@ -519,6 +531,7 @@ class Bench:
         setup = time.perf_counter() - t0
         trainer.train()
         train_seconds = time.perf_counter() - t0
+        trainer.model.save_pretrained(self.saved_student(arm, seed))  # for the ROUGE pass (`--rouge_eval`)
         t1 = time.perf_counter()
         dev = teacher_forced(trainer.model, self.dev_batches, len(self.dev))
         rouge = greedy_rouge(trainer.model, self.tokenizer, a)
@@ -547,6 +560,56 @@ class Bench:
                     f"(train {train_seconds:.0f} s, eval {eval_seconds:.0f} s)")  # fmt: skip
         del trainer
         return result
+
+    def saved_student(self, arm: str, seed: int) -> str:
+        return os.path.join(self.args.work_dir, "runs", f"seed{seed}", arm, "final")
+
+    def rouge_pass(self) -> None:
+        """ROUGE per test item of the teacher and every saved student of `--seeds` x `--arms`, on the first
+        `--rouge_eval` items of each `--rouge_sets` set, greedy and per `--rouge_gen_seeds` sampled; one JSON per
+        model under `<output_dir>/rouge/`, written after each (set, decoding), so a rerun resumes."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from hf_taskdistill.data import load_eval_set
+
+        a = self.args
+        sets = {name: load_eval_set(name, a.data_dir)[: a.rouge_eval] for name in a.rouge_sets}
+        decodings = ["greedy"] + [f"sample{s}" for s in a.rouge_gen_seeds]
+        models = [("teacher", None)] + [
+            (f"seed{s}/{arm}", self.saved_student(arm, s)) for s in a.seeds for arm in a.arms
+        ]
+        for name, path in models:
+            if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+                if os.path.isfile(self.run_path(name.split("/")[1], int(name[4:].split("/")[0]))):
+                    harness.log(f"ROUGE {name}: its student was not saved (run before students were kept): skipped")
+                continue
+            out = os.path.join(a.output_dir, "rouge", f"{name}.json")
+            record = _read_json(out) if os.path.isfile(out) else {"model": name, "n_per_set": a.rouge_eval,
+                                                                          "max_new_tokens": a.max_new_tokens, "sets": {}}  # fmt: skip
+            todo = [(st, d) for st in sets for d in decodings if d not in record["sets"].get(st, {})]
+            if not todo:
+                continue
+            if not self.fits(f"ROUGE {name}", self.timings.get("rouge_model")):
+                return
+            model = self.teacher if path is None else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model.to(self.device)
+            t0 = time.perf_counter()
+            for st, dec in todo:
+                t1 = time.perf_counter()
+                seed = 0 if dec == "greedy" else int(dec[6:])
+                per = harness.rouge_per_example(model, self.tokenizer, sets[st], rouge_types(a.task), seed=seed,
+                                                do_sample=dec != "greedy", batch_size=a.eval_batch_size,
+                                                max_new_tokens=a.max_new_tokens)  # fmt: skip
+                record["sets"].setdefault(st, {})[dec] = {"per_example": per, "seconds": round(time.perf_counter() - t1, 1),
+                                                          "mean": {t: sum(v) / len(v) for t, v in per.items()}}  # fmt: skip
+                quality._write_json(out, record)
+                harness.log(
+                    f"ROUGE {name} {st} {dec}: " + ", ".join(f"{t} {sum(v) / len(v):.2f}" for t, v in per.items())
+                )
+            self._timed("rouge_model", time.perf_counter() - t0)
+            if path is not None:
+                del model
 
     def train_tokens(self) -> dict:
         if not hasattr(self, "_train_tokens"):
@@ -621,6 +684,9 @@ def run(argv=None) -> dict:
     bench.cache()
     if args.prepare_only:
         return {}
+    if args.rouge_eval:
+        bench.rouge_pass()
+        return aggregate(args)
     for seed in args.seeds:
         for arm in args.arms:
             bench.run_arm(arm, seed)
@@ -645,6 +711,89 @@ def _load_runs(out: str) -> dict:
                     res = json.load(f)
                 runs.setdefault(res["arm"], {})[res["seed"]] = res
     return runs
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _load_rouge(out: str) -> dict:
+    """{"teacher": record, "A": {seed: record}, ...} from `<out>/rouge/` (the `--rouge_eval` pass)."""
+    root, found = os.path.join(out, "rouge"), {}
+    if os.path.isfile(os.path.join(root, "teacher.json")):
+        found["teacher"] = _read_json(os.path.join(root, "teacher.json"))
+    for seed_dir in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if seed_dir.startswith("seed") and os.path.isdir(os.path.join(root, seed_dir)):
+            for name in sorted(os.listdir(os.path.join(root, seed_dir))):
+                found.setdefault(name[: -len(".json")], {})[int(seed_dir[4:])] = _read_json(
+                    os.path.join(root, seed_dir, name)
+                )
+    return found
+
+
+def rouge_vector(record: dict, sets, decoding: str, rouge_type: str = "rougeL") -> list[float] | None:
+    """Per-item scores over `sets` in order (`decoding`: "greedy", or "sampled" = mean over the sampled seeds per
+    item); None when the record lacks one of them."""
+    vec = []
+    for st in sets:
+        got = record["sets"].get(st, {})
+        runs = [v for k, v in got.items() if (k == "greedy" if decoding == "greedy" else k.startswith("sample"))]
+        if not runs:
+            return None
+        per = [r["per_example"][rouge_type] for r in runs]
+        vec += [sum(col) / len(col) for col in zip(*per, strict=True)]
+    return vec
+
+
+def rouge_section(rouge: dict, sets, rouge_type: str = "rougeL", n_boot: int = 2000) -> tuple[list[str], dict]:
+    """Markdown lines and a summary: mean ROUGE per arm and set (over training seeds), and the paired differences
+    of the comparisons over the items of every set (bootstrap over items, seeds shared by both arms)."""
+    import statistics
+
+    if not rouge:
+        return [], {}
+    lines = ["", (f"Greedy {rouge_type} (x 100) on the first items of each test set (`--rouge_eval`), mean over "
+                  "training seeds; `sampled`: temperature-1 sampling, mean over generation seeds and sets."), "",
+             "| model | seeds | " + " | ".join(sets) + " | all sets | sampled |", "|---" * (len(sets) + 4) + "|"]  # fmt: skip
+    summary: dict = {"arms": {}, "comparisons": []}
+
+    def cells(records):
+        row = []
+        for st in [*sets, None]:
+            vals = [rouge_vector(r, [st] if st else sets, "greedy", rouge_type) for r in records]
+            vals = [statistics.mean(v) for v in vals if v]
+            row.append(f"{statistics.mean(vals):.2f}" if vals else "–")
+        sampled = [v for v in (rouge_vector(r, sets, "sampled", rouge_type) for r in records) if v]
+        row.append(f"{statistics.mean(statistics.mean(v) for v in sampled):.2f}" if sampled else "–")
+        return row
+
+    if "teacher" in rouge:
+        lines.append("| teacher | – | " + " | ".join(cells([rouge["teacher"]])) + " |")
+    for arm in [a for a in ARMS if a in rouge]:
+        seeds = sorted(rouge[arm])
+        row = cells([rouge[arm][s] for s in seeds])
+        summary["arms"][arm] = {"seeds": seeds, "cells": dict(zip([*sets, "all", "sampled"], row, strict=True))}
+        lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"| x - y | seeds | items | Δ greedy {rouge_type} | Δ sampled {rouge_type} |",
+        "|---|---|---|---|---|",
+    ]
+    for x, y, _question in COMPARISONS:
+        seeds = sorted(set(rouge.get(x, {})) & set(rouge.get(y, {})))
+        row = {"x": x, "y": y, "seeds": seeds}
+        for decoding in ("greedy", "sampled"):
+            xs = [rouge_vector(rouge[x][s], sets, decoding, rouge_type) for s in seeds]
+            ys = [rouge_vector(rouge[y][s], sets, decoding, rouge_type) for s in seeds]
+            if seeds and all(v is not None for v in xs + ys):
+                row[decoding] = paired_difference(xs, ys, [1] * len(xs[0]), n_boot=n_boot)
+        if "greedy" in row:
+            summary["comparisons"].append(row)
+            samp = _fmt_ci(row["sampled"], 2) if "sampled" in row else "–"
+            lines.append(f"| {x} - {y} | {','.join(map(str, seeds))} | {row['greedy']['n_examples']} | "
+                         f"{_fmt_ci(row['greedy'], 2)} | {samp} |")  # fmt: skip
+    return lines, summary
 
 
 def _load_references(out: str) -> dict:
@@ -745,6 +894,8 @@ def aggregate(args) -> dict:
             for seed, r in c["nll"]["per_seed"].items():
                 acc = c["accuracy"]["per_seed"][seed]
                 lines.append(f"| ↳ seed {seed} | | | {_fmt_ci(r, 4)} | {_fmt_ci(acc, 2)} |{' |' if has_rouge else ''}")
+    rouge_lines, rouge_summary = rouge_section(_load_rouge(out), args.rouge_sets)
+    lines += rouge_lines
     missing = [f"{arm}/seed{s}" for s in args.seeds for arm in args.arms if s not in runs.get(arm, {})]
     if missing:
         lines += [
@@ -753,7 +904,8 @@ def aggregate(args) -> dict:
         ]
     md = "\n".join(lines)
     summary = {"task": args.task, "profile": args.profile, "arms": table, "comparisons": comps,
-               "references": {k: v["dev_summary"] for k, v in refs.items()}, "missing": missing, "table": md}  # fmt: skip
+               "references": {k: v["dev_summary"] for k, v in refs.items()}, "rouge": rouge_summary, "missing": missing,
+               "table": md}  # fmt: skip
     harness.write_results(out, "results", summary, md)
     print(md)
     return summary

@@ -145,3 +145,38 @@ def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
     quality2.check_resume(args)  # same settings: resumes
     with pytest.raises(SystemExit, match="steps: 4 there, 8 now"):
         quality2.check_resume(quality2.settings(["--profile", "tiny", "--output_dir", out, "--steps", "8"]))
+
+
+def _rouge_record(name, per_set):
+    """`per_set`: {set: {decoding: [per item rougeL]}} as the `--rouge_eval` pass writes it."""
+    return {"model": name, "n_per_set": 2, "sets": {
+        st: {dec: {"per_example": {"rougeL": v}, "mean": {"rougeL": sum(v) / len(v)}} for dec, v in decs.items()}
+        for st, decs in per_set.items()}}  # fmt: skip
+
+
+def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp_path):
+    out = str(tmp_path / "res")
+    args = quality2.settings(["--profile", "tiny", "--output_dir", out, "--arms", "A", "C", "--seeds", "0", "1",
+                              "--rouge_sets", "dolly", "vicuna"])  # fmt: skip
+    a = {"dolly": {"greedy": [10.0, 20.0], "sample10": [8.0, 8.0], "sample20": [10.0, 10.0]},
+         "vicuna": {"greedy": [30.0, 40.0], "sample10": [6.0, 6.0], "sample20": [6.0, 6.0]}}  # fmt: skip
+    c = {st: {dec: [v + 1.0 for v in vals] for dec, vals in decs.items()} for st, decs in a.items()}
+    _write(os.path.join(out, "rouge", "teacher.json"), _rouge_record("teacher", a))
+    for seed in (0, 1):
+        _write(os.path.join(out, "rouge", f"seed{seed}", "A.json"), _rouge_record(f"seed{seed}/A", a))
+    _write(os.path.join(out, "rouge", "seed0", "C.json"), _rouge_record("seed0/C", c))
+    rouge = quality2._load_rouge(out)
+    assert set(rouge) == {"teacher", "A", "C"} and sorted(rouge["A"]) == [0, 1]
+    # items of both sets in order; sampled = mean over the generation seeds per item
+    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "greedy") == [10.0, 20.0, 30.0, 40.0]
+    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "sampled") == [9.0, 9.0, 6.0, 6.0]
+    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "self_inst"], "greedy") is None  # a set not measured
+    summary = quality2.aggregate(args)["rouge"]
+    assert summary["arms"]["A"]["cells"] == {"dolly": "15.00", "vicuna": "35.00", "all": "25.00", "sampled": "7.50"}
+    (row,) = summary["comparisons"]  # C - A, on the one seed both have
+    assert row["seeds"] == [0] and row["greedy"]["n_examples"] == 4
+    assert row["greedy"]["diff"] == pytest.approx(1.0) and row["sampled"]["diff"] == pytest.approx(1.0)
+    with open(os.path.join(out, "results.md")) as f:
+        md = f.read()
+    assert "| C - A | 0 | 4 | +1.00 [+1.00, +1.00] * | +1.00 [+1.00, +1.00] * |" in md
+    assert "| teacher | – | 15.00 | 35.00 | 25.00 | 7.50 |" in md

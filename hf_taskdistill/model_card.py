@@ -1,12 +1,13 @@
-"""Model cards for distilled students: our own template (shipped as package data) and the unit-score plot.
+"""Model cards for distilled students: our own template (shipped as package data), filled from the stored selection.
 
 TRL's card cannot name the teacher, the layers or k, renders `base_model: None` for local students and writes a
 `licence` key; `build_model_card` replaces it. Everything shown is computed here, so the template only prints
 strings and never a Python `None`. What the card states comes from the stored selection (`config.json`'s
 `task_distill`: teacher, student, data, training settings, a pruned student's `init`), the raw-scores sidecar (the
-plot) and an optional `selection_report.json` (the keep-k sentence). Models are named through
-`hf_taskdistill.provenance`: a Hub id is linked with its revision, a local model gets a label that is never a link
-and never a path. ROUGE is the F-measure x 100 everywhere, at two decimals (`ROUGE_LABEL`).
+plot, drawn by `hf_taskdistill.plots`, whose `load_scores` / `plot_unit_scores` / `plot_into` / `PLOT_NAME` are
+re-exported here) and an optional `selection_report.json` (the keep-k sentence of `hf_taskdistill.report`). Models
+are named through `hf_taskdistill.provenance`: a Hub id is linked with its revision, a local model gets a label that
+is never a link and never a path. ROUGE is the F-measure x 100 everywhere, at two decimals (`ROUGE_LABEL`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .data import DATA_FILE_SUFFIXES, data_label
+from .plots import PLOT_NAME, load_scores, plot_into, plot_unit_scores  # noqa: F401 (re-exported)
 from .provenance import FLEX_KD_PAPER, is_hub_id, local_label, model_reference, reference_text
-from .selection import CONFIG_KEY, REPORT_NAME, REPORT_PLOT_NAME, SCORES_NAME, UnitSelection, load_unit_selection
+from .report import report_sentence, sentence_point
+from .selection import CONFIG_KEY, REPORT_NAME, REPORT_PLOT_NAME, UnitSelection, load_unit_selection
 
 
 logger = logging.getLogger(__name__)
 
-PLOT_NAME = "unit_scores.png"
 # ROUGE everywhere (eval output, card table, model-index) is the F-measure x 100, rounded to two decimals: the scale of
 # `hf-taskdistill eval`, of MiniLLM/DistiLLM, and of transformers' summarization examples (`round(v * 100, 4)`).
 ROUGE_LABEL = "ROUGE-L F1 (x100)"
@@ -368,133 +370,63 @@ def load_selection_report(directory: str | os.PathLike | None) -> dict[str, Any]
     return report
 
 
-def _nll_at(report: Mapping[str, Any], name: str, k: int) -> float | None:
-    grid, values = report.get("k_grid") or [], (report.get("nll") or {}).get(name)
-    if not isinstance(values, list) or len(values) != len(grid) or k not in grid:
-        return None
-    value = values[grid.index(k)]
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _report_problem(report: Mapping[str, Any], k: int | None) -> str | None:
+    """Why `report_sentence` cannot describe `report` at `k` with real, finite numbers; None when it can."""
+    grid, nll = report.get("k_grid"), report.get("nll")
+    if not isinstance(grid, list) or not grid or not all(_is_int(x) for x in grid):
+        return "no k_grid"
+    if not isinstance(nll, Mapping) or "random" not in nll:
+        return "no `random` curve"
+    if not (_is_int(report.get("d_t")) and _is_int(report.get("layer")) and isinstance(report.get("criterion"), str)):
+        return "no d_t, layer or criterion"
+    if not (report.get("k") is None or _is_int(report["k"])):
+        return "a k that is not an integer"
+    i, _ = sentence_point(report, k)
+    for name in dict.fromkeys((report["criterion"], "random", "activation")):
+        values = nll.get(name, [])
+        if name in nll and (not isinstance(values, list) or len(values) != len(grid) or not _finite(values[i])):
+            return f"no finite `{name}` NLL at k = {grid[i]} (or not one per k of the grid)"
+    if not (_finite(report.get("full_teacher_nll")) and _finite(report.get("mean_floor_nll"))):
+        return "no full-teacher or mean-floor NLL"
+    if not (_is_int(report.get("num_examples")) and _is_int(report.get("num_tokens"))):
+        return "no held-out example and token counts"
+    return None
 
 
 def selection_report_sentence(report: Mapping[str, Any] | None, k: int | None = None) -> str | None:
-    """One sentence from `selection_report.json`: the teacher's dev NLL with only the k chosen units kept (the rest
-    replaced by their mean), with k random units, and with every unit. None when the report lacks those numbers."""
-    if not report:
-        return None
-    k = k or report.get("k")
-    criterion = report.get("criterion")
-    chosen = _nll_at(report, criterion, k) if criterion and k else None
-    if chosen is None:
-        return None
-    d_t, layer = report.get("d_t"), report.get("layer")
-    where = f" at teacher layer {layer}" if layer is not None else ""
-    text = f"Keeping {k} of {d_t} units{where} (`{criterion}` scores) leaves the dev NLL per token at {chosen:.3f}"
-    random_nll = _nll_at(report, "random", k)
-    if random_nll is not None:
-        text += f"; {k} random units give {random_nll:.3f}"
-    full = report.get("full_teacher_nll")
-    if isinstance(full, (int, float)):
-        text += f"; the full teacher {full:.3f}"
-    floor = report.get("mean_floor_nll")
-    if isinstance(floor, (int, float)):
-        text += f" (every unit at its mean: {floor:.3f})"
-    n, tokens = report.get("num_examples"), report.get("num_tokens")
-    if isinstance(n, int):
-        text += f", on {n:,} dev examples" + (f" ({tokens:,} tokens)" if isinstance(tokens, int) else "")
-    text += "."
-    pruned = report.get("pruned")
-    if isinstance(pruned, Mapping) and isinstance(pruned.get("nll_before"), (int, float)):
-        text += f" The student cut at these units starts at {pruned['nll_before']:.3f}"
-        if isinstance(pruned.get("nll_after"), (int, float)):
-            steps = pruned.get("recovery_steps")
-            text += f" and reaches {pruned['nll_after']:.3f}" + (f" after {steps} recovery steps" if steps else "")
-        text += "."
-    return text
+    """The keep-k sentence of `selection_report.json`: `hf_taskdistill.report.report_sentence`, the sentence
+    `hf-taskdistill select --report` prints (the pruned student's NLL before/after recovery included when the report
+    has them), at `k` when given (the card passes the selection's k; off the grid, the nearest grid point).
 
-
-# ----- the unit-score plot -----
-def load_scores(selection: UnitSelection | None, directory: str | os.PathLike | None = None):
-    """The full (d_T,) score vector per layer pair: `selection.full_scores`, else the scores sidecar, else None."""
-    if selection is not None and selection.full_scores is not None:
-        return list(selection.full_scores)
-    path = os.path.join(directory, SCORES_NAME) if directory is not None else None
-    if path is None or not os.path.isfile(path):
-        return None
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    return [tensors[f"layer_{i}"] for i in range(len(tensors)) if f"layer_{i}" in tensors] or None
-
-
-def plot_unit_scores(selection: UnitSelection, scores, path: str | os.PathLike) -> str | None:
-    """Save a PNG of every teacher unit's score, one row per layer pair: by unit index (selected units highlighted,
-    the cut-off score as a line) and sorted in descending order (the k-th score marked), which shows how close the
-    scores around the cut-off are. Titles give the number of scoring examples and tokens.
-
-    Returns the path, or None (with the reason logged) when there is nothing to plot.
+    None, with the reason logged, when there is no report or it lacks a number the sentence states (never a made-up
+    or non-finite number); a malformed `pruned` block only drops the pruned student's part.
     """
-    if selection.selection_method in ("random", "projector") or not scores:
+    if not isinstance(report, Mapping) or not report:
         return None
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed (`pip install matplotlib`): no unit-score plot.")
+    k = k if _is_int(k) and k > 0 else None
+    problem = _report_problem(report, k)
+    if problem is not None:
+        logger.warning("%s has %s: no keep-k sentence in the card.", REPORT_NAME, problem)
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    n = len(selection.layers)
-    fig, axes = plt.subplots(n, 2, figsize=(11, 3.0 * n), squeeze=False, gridspec_kw={"width_ratios": [3, 2]})
-    samples = f"{selection.num_samples:,} scoring examples, {selection.num_tokens:,} completion tokens"
-    for (ax, ax_sorted), ls, s in zip(axes, selection.layers, scores, strict=True):
-        values = s.detach().float().cpu().numpy()
-        chosen = sorted(ls.indices or [])
-        rest = sorted(set(range(len(values))) - set(chosen))
-        k = len(chosen)
-        label = f"student layer {ls.student_layer} <- teacher layer {ls.teacher_layer}"
-        ax.scatter(rest, values[rest], s=6, color="0.65", label=f"not selected ({len(rest)})")
-        ax.scatter(chosen, values[chosen], s=10, color="tab:orange", label=f"selected (k={k})")
-        if chosen:
-            cut = float(values[chosen].min())
-            ax.axhline(cut, color="tab:orange", lw=0.8, ls="--", label=f"cut-off: k-th score {cut:.3g}")
-        ax.set_title(f"{label}: score per unit", fontsize=9, loc="left")
-        ax.set_xlabel("teacher unit")
-        ax.set_ylabel(f"score ({selection.selection_method})")
-        ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
-        ranked = np.sort(values)[::-1]
-        ax_sorted.plot(np.arange(1, len(ranked) + 1), ranked, color="0.3", lw=1.0, label="scores, sorted")
-        if chosen:
-            ax_sorted.axvline(k, color="tab:orange", lw=0.8, ls="--", label=f"k = {k}")
-            ax_sorted.scatter([k], [ranked[k - 1]], s=14, color="tab:orange", zorder=3)
-            if k < len(ranked):
-                gap = ranked[k - 1] - ranked[k]
-                ax_sorted.set_title(f"sorted, descending; k-th minus (k+1)-th score: {gap:.3g} "
-                                    f"({100 * gap / max(abs(ranked[k - 1]), 1e-12):.2g}%)",
-                                    fontsize=9, loc="left")  # fmt: skip
-        ax_sorted.set_xlabel("rank")
-        ax_sorted.set_ylabel("score")
-        ax_sorted.legend(loc="upper right", fontsize=7, framealpha=0.8)
-    fig.suptitle(f"Teacher unit scores ({selection.selection_method}) over {samples}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
-
-
-def plot_into(selection: UnitSelection, scores_dir, output_dir) -> tuple[str | None, str | None]:
-    """Write `unit_scores.png` into `output_dir` from the selection's scores (or the `scores_dir` sidecar); return
-    (file name, None) or (None, why there is no plot)."""
-    if selection.selection_method == "random":
-        return None, "No unit-score plot: the `random` baseline draws units without scoring them."
-    if selection.selection_method == "projector":
-        return None, "No unit-score plot: the projector baseline matches the whole teacher layer (no selection)."
-    scores = load_scores(selection, scores_dir)
-    if scores is None or all(float(s.abs().sum()) == 0 for s in scores):
-        return None, f"No unit-score plot: the raw scores (`{SCORES_NAME}`) were not saved with this model."
-    if plot_unit_scores(selection, scores, os.path.join(output_dir, PLOT_NAME)) is None:
-        return None, "No unit-score plot: matplotlib is not installed."
-    return PLOT_NAME, None
+    pruned = report.get("pruned")
+    if pruned is not None and not (
+        isinstance(pruned, Mapping)
+        and (
+            pruned.get("nll_before") is None or (_finite(pruned["nll_before"]) and _is_int(pruned.get("hidden_size")))
+        )
+        and (pruned.get("nll_after") is None or _finite(pruned["nll_after"]))
+    ):
+        logger.warning("%s has a malformed `pruned` block: the card leaves the pruned student out.", REPORT_NAME)
+        report = {**report, "pruned": None}
+    return report_sentence(report, k)
 
 
 # ----- the card -----

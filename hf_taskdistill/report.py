@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .hooks import decoder_layers
 from .losses import valid_positions
+from .plots import plot_keep_k_curve
 from .selection import REPORT_NAME
 from .selection import REPORT_PLOT_NAME as PLOT_NAME  # the file names live with the other selection files
 
@@ -400,14 +401,6 @@ def keep_k_curve(
     }
 
 
-def _label(name: str, criterion: str) -> str:
-    if name == bottom_name(criterion):
-        return f"{criterion}, bottom-k"
-    if name == "activation":
-        return "activation (mean |h|)"
-    return f"{name} (seeded)" if name == "random" else name
-
-
 def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[str, str | None]:
     """Write `selection_report.json` and the keep-k plot `selection_report.png` into `output_dir`.
 
@@ -423,44 +416,7 @@ def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> tu
     json_path = os.path.join(output_dir, REPORT_NAME)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed (`pip install matplotlib`): no keep-k plot.")
-        return json_path, None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    criterion, grid = report["criterion"], report["k_grid"]
-    styles = {"random": ("tab:gray", "o"), "activation": ("tab:green", "s"), bottom_name(criterion): ("tab:red", "v")}
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, values in report["nll"].items():
-        color, marker = styles.get(name, ("tab:blue" if name == criterion else None, "D"))
-        ax.plot(grid, values, marker=marker, ms=4, color=color, lw=2 if name == criterion else 1.2,
-                label=_label(name, criterion))  # fmt: skip
-    ax.axhline(report["full_teacher_nll"], color="black", ls="--", lw=1, label="full teacher")
-    ax.axhline(report["mean_floor_nll"], color="0.6", ls=":", lw=1, label="all units at their mean")
-    pruned = report.get("pruned") or {}
-    if pruned.get("nll_before") is not None:
-        ax.scatter([pruned["hidden_size"]], [pruned["nll_before"]], marker="*", s=120, color="tab:purple", zorder=5,
-                   label=f"pruned student, untrained (K={pruned['hidden_size']})")  # fmt: skip
-    if pruned.get("nll_after") is not None:
-        ax.scatter([pruned["hidden_size"]], [pruned["nll_after"]], marker="P", s=90, color="tab:purple", zorder=5,
-                   label=f"pruned student, {pruned.get('recovery_steps')} recovery steps")  # fmt: skip
-    if report.get("k"):
-        ax.axvline(report["k"], color="tab:orange", lw=1, ls="-.", label=f"student k = {report['k']}")
-    ax.set_xlabel(f"units kept of the teacher's layer {report['layer']} (d_T = {report['d_t']})")
-    ax.set_ylabel("held-out completion NLL (nats/token)")
-    ax.set_title(
-        f"Keep-k curve: {report['num_examples']} held-out examples, {report['num_tokens']:,} tokens", fontsize=10
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    png_path = os.path.join(output_dir, PLOT_NAME)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return json_path, png_path
+    return json_path, plot_keep_k_curve(report, os.path.join(output_dir, PLOT_NAME))
 
 
 def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -475,12 +431,23 @@ def load_report(directory: str | os.PathLike) -> dict[str, Any] | None:
     return report
 
 
-def report_sentence(report: Mapping[str, Any]) -> str:
-    """One sentence for a model card: the NLL at the student's k for the criterion, random units and the teacher."""
-    grid, nll, d_t, criterion = report["k_grid"], report["nll"], report["d_t"], report["criterion"]
-    k = report.get("k") or max([x for x in grid if x < d_t] or grid)
+def sentence_point(report: Mapping[str, Any], k: int | None = None) -> tuple[int, int]:
+    """(index in `k_grid`, width) of the grid point `report_sentence` describes: `k` (default: the report's k, else
+    the largest k below d_T), or the grid point nearest to it when the grid does not hold it."""
+    grid, d_t = report["k_grid"], report["d_t"]
+    k = k or report.get("k") or max([x for x in grid if x < d_t] or grid)
     i = grid.index(k) if k in grid else min(range(len(grid)), key=lambda j: abs(grid[j] - k))
-    k = grid[i]
+    return i, grid[i]
+
+
+def report_sentence(report: Mapping[str, Any], k: int | None = None) -> str:
+    """One sentence for a model card: the NLL at the student's k for the criterion, random units and the teacher,
+    and, when the report has a `pruned` block, the pruned student's NLL before and after recovery.
+
+    `k` overrides the report's own k (see `sentence_point`; a k off the grid is described at the nearest grid point).
+    """
+    nll, d_t, criterion = report["nll"], report["d_t"], report["criterion"]
+    i, k = sentence_point(report, k)
     parts = []
     if criterion in nll and criterion != "random":
         parts.append(f"Keeping {k} of {d_t} units of teacher layer {report['layer']} by `{criterion}` leaves the "
@@ -496,11 +463,13 @@ def report_sentence(report: Mapping[str, Any]) -> str:
     sentence += f"; {report['num_examples']} held-out examples, {report['num_tokens']:,} tokens)."
     pruned = report.get("pruned") or {}
     if pruned.get("nll_before") is not None:
-        sentence += (f" The teacher cut to {pruned['hidden_size']} units (`{pruned.get('criterion')}`) starts at "
-                     f"{pruned['nll_before']:.3f} before training")  # fmt: skip
+        how = f" (`{pruned['criterion']}`)" if pruned.get("criterion") else ""
+        sentence += (f" The teacher cut to {pruned['hidden_size']} units{how} starts at {pruned['nll_before']:.3f} "
+                     "before training")  # fmt: skip
         if pruned.get("nll_after") is not None:
-            sentence += (
-                f" and reaches {pruned['nll_after']:.3f} after {pruned.get('recovery_steps')} distillation steps"
+            steps = pruned.get("recovery_steps")
+            sentence += f" and reaches {pruned['nll_after']:.3f}" + (
+                f" after {steps} distillation steps" if steps else ""
             )
         sentence += "."
     return sentence

@@ -18,6 +18,7 @@ from hf_taskdistill.model_card import (
     selection_report_sentence,
 )
 from hf_taskdistill.provenance import is_hub_id
+from hf_taskdistill.report import report_sentence
 
 from .conftest import make_config
 
@@ -225,13 +226,54 @@ REPORT = {"format_version": 1, "layer": 29, "criterion": "grad", "d_t": 8, "k": 
 
 def test_selection_report_sentence_and_plot_link():
     sentence = selection_report_sentence(REPORT)
+    assert sentence == report_sentence(REPORT)  # one wording: the card repeats what `select --report` prints
     assert sentence == (
-        "Keeping 4 of 8 units at teacher layer 29 (`grad` scores) leaves the dev NLL per token at 2.500; 4 random "
-        "units give 3.000; the full teacher 2.000 (every unit at its mean: 4.200), on 64 dev examples (2,048 tokens)."
+        "Keeping 4 of 8 units of teacher layer 29 by `grad` leaves the held-out NLL at 2.500 nats/token; 4 random "
+        "units give 3.000; the full teacher 2.000 (every unit at its mean: 4.200; 64 held-out examples, 2,048 tokens)."
     )
-    assert selection_report_sentence({**REPORT, "k": 3}) is None  # no value at that k: no made-up number
+    # A k off the grid is described at the nearest grid point, with that point's own numbers.
+    assert selection_report_sentence(REPORT, k=3) == report_sentence(REPORT, k=3)
+    assert selection_report_sentence(REPORT, k=3).startswith("Keeping 2 of 8 units")
+    assert "at 3.100 nats/token; 2 random units give 3.500" in selection_report_sentence({**REPORT, "k": 3})
+    assert "Keeping 8 of 8 units" in selection_report_sentence(REPORT, k=8)
     text = str(build_model_card(dict(SELECTION), selection_report=REPORT, report_plot_file="selection_report.png"))
     assert sentence in text and "](selection_report.png)" in text
+
+
+def test_selection_report_sentence_is_none_without_real_numbers():
+    assert selection_report_sentence(None) is None and selection_report_sentence({}) is None
+    assert selection_report_sentence({"format_version": 1}) is None
+    assert selection_report_sentence({**REPORT, "nll": {"grad": [3.1, 2.5, 2.0]}}) is None  # no random curve
+    assert selection_report_sentence({**REPORT, "nll": {**REPORT["nll"], "grad": [3.1, 2.5]}}) is None
+    assert selection_report_sentence({**REPORT, "nll": {**REPORT["nll"], "grad": [3.1, float("nan"), 2.0]}}) is None
+    assert selection_report_sentence({**REPORT, "full_teacher_nll": None}) is None
+    assert selection_report_sentence({**REPORT, "k": "4"}) is None
+    # A NaN away from the described k does not hide the sentence.
+    assert selection_report_sentence({**REPORT, "nll": {**REPORT["nll"], "grad": [float("nan"), 2.5, 2.0]}})
+
+
+def test_card_sentence_has_the_pruned_students_nll_before_and_after_recovery():
+    pruned = {"hidden_size": 4, "criterion": "activation", "num_parameters": 1234, "nll_before": 4.567,
+              "nll_after": 2.891, "recovery_steps": 50}  # fmt: skip
+    report = {**REPORT, "nll": {**REPORT["nll"], "activation": [3.3, 2.7, 2.0]}, "pruned": pruned}
+    sentence = selection_report_sentence(report)
+    assert sentence == report_sentence(report)
+    assert sentence.endswith(
+        "the 4 most active 2.700; the full teacher 2.000 (every unit at its mean: 4.200; 64 held-out examples, "
+        "2,048 tokens). The teacher cut to 4 units (`activation`) starts at 4.567 before training and reaches 2.891 "
+        "after 50 distillation steps."
+    )
+    text = str(build_model_card(dict(SELECTION), selection_report=report))
+    assert sentence in text and "None" not in text
+    for number in ("2.500", "3.000", "2.700", "2.000", "4.200", "4.567", "2.891", "50 distillation steps"):
+        assert number in text
+    before_only = selection_report_sentence(
+        {**report, "pruned": {**pruned, "nll_after": None, "recovery_steps": None}}
+    )
+    assert before_only.endswith("starts at 4.567 before training.") and "2.891" not in before_only
+    # A malformed pruned block drops only the pruned student's part.
+    broken = selection_report_sentence({**report, "pruned": {**pruned, "nll_before": "4.5"}})
+    assert broken == report_sentence({**report, "pruned": None}) and "cut to" not in broken
 
 
 def test_pruned_student_says_how_it_was_cut():
@@ -268,3 +310,18 @@ def test_unit_score_plot_has_the_cut_off_the_sample_count_and_a_sorted_view(tmp_
     line = ranked.get_lines()[0]
     assert list(line.get_ydata()) == sorted(scores[0].tolist(), reverse=True)
     assert "k = 4" in [t.get_text() for t in ranked.get_legend().get_texts()]
+
+
+def test_plots_live_in_their_own_module_and_stay_importable_from_the_card():
+    import subprocess
+    import sys
+
+    from hf_taskdistill import model_card, plots, report
+
+    for name in ("PLOT_NAME", "load_scores", "plot_unit_scores", "plot_into"):
+        assert getattr(model_card, name) is getattr(plots, name)
+    assert report.plot_keep_k_curve is plots.plot_keep_k_curve
+    code = "import sys, hf_taskdistill.plots; print(sorted(m for m in sys.modules if m.startswith('hf_taskdistill')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "hf_taskdistill.plots" in loaded
+    assert "hf_taskdistill.model_card" not in loaded and "hf_taskdistill.trainer" not in loaded

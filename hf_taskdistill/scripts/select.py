@@ -189,7 +189,7 @@ def _recover(student, teacher, tokenizer, dataset, training_args, steps: int):
         args = TaskFeatureDistillConfig.from_training_args(
             training_args, output_dir=tmp, max_steps=steps, save_strategy="no", eval_strategy="no", report_to="none",
             push_to_hub=False, logging_steps=max(1, steps // 4), selection_path=None, teacher_cache=None,
-            resume_from_checkpoint=None,
+            resume_from_checkpoint=None, teacher_model_init_kwargs=None,  # the teacher is already loaded
         )  # fmt: skip
         host = FeatureDistillSFTTrainer if args.logit_loss == "none" else FeatureDistillTrainer
         trainer = host(model=student, teacher_model=teacher, args=args, train_dataset=dataset,

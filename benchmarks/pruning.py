@@ -8,7 +8,12 @@ with the project's `FeatureDistillSFTTrainer` (`feature_loss_weight=0`; logit KD
 took 13 s a step on the shared CPU, too slow for the grid), the same steps, data and seed for every criterion. Resumable: a run whose JSON exists is skipped. Single-threaded.
 
     OMP_NUM_THREADS=1 python benchmarks/pruning.py            # all phases, then the table
+    OMP_NUM_THREADS=1 python benchmarks/pruning.py --keep_k_only   # only the keep-k table of every criterion
     python benchmarks/pruning.py --table_only                  # rebuild results.md from the JSON files
+
+The keep-k phase (first, a few minutes per task) draws the selection report's keep-k curve of the teacher's last
+layer on the same dev examples for every criterion's last-layer scores (`aggregation="last"`), beside the report's
+own `activation` (mean |h|), `random` and `grad` bottom-k references: `<task>/keep_k.json`.
 
 Results: `benchmarks/results/pruning/<task>/<run>.json` and `benchmarks/results/pruning/results.md`.
 """
@@ -134,15 +139,15 @@ def plan(args):
             order += [_run(task, 288, None, c, True, rescale=ns) for ns in other for c in CRITERIA]
     for task in tasks:
         order += [_run(task, 288, None, "grad", True, rescale=rescale)]
-    if "dolly" in tasks:  # 3. aggregations of the task-aware criteria and outlier units (cut only)
+    # 3. MLP pruning, then the wider student, then both
+    for k, m in ((288, MLP_WIDTH), (432, None), (432, MLP_WIDTH)):
+        for task in tasks:
+            order += [_run(task, k, m, c, True, rescale=rescale) for c in first + ("grad",)]
+    if "dolly" in tasks:  # 4. aggregations of the task-aware criteria and outlier units (cut only)
         order += [_run("dolly", 288, None, c, False, aggregation=a, rescale=rescale)
                   for c in ("grad", "grad_x_act", "fisher") for a in ("sum", "max_normalized", "last")]  # fmt: skip
         order += [_run("dolly", 288, None, "activation", False, aggregation="sum_normalized", rescale=rescale)]
         order += [_run("dolly", 288, None, c, False, outliers=8, rescale=rescale) for c in ("grad", "grad_x_act")]
-    # 4. MLP pruning, then the wider student, then both
-    for k, m in ((288, MLP_WIDTH), (432, None), (432, MLP_WIDTH)):
-        for task in tasks:
-            order += [_run(task, k, m, c, True, rescale=rescale) for c in CRITERIA]
     if "dolly" in tasks:  # 5. recovery of the other aggregation
         order += [_run("dolly", 288, None, c, True, aggregation="sum", rescale=rescale)
                   for c in ("grad_x_act", "fisher", "grad")]  # fmt: skip
@@ -172,6 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max_runs", type=int, default=None, help="Stop after this many new runs.")
     parser.add_argument("--deadline", type=str, default=None, help="HH:MM (UTC): start no run after this time.")
     parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--keep_k_only", action="store_true", help="Only the keep-k phase.")
     args = parser.parse_args(argv)
     if not args.table_only:
         run_all(args)
@@ -225,6 +231,12 @@ def run_all(args):
     tokenizer = AutoTokenizer.from_pretrained(TEACHER)
     teacher = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
     new_runs, contexts = 0, {}
+    for task in args.tasks:
+        if not (OUT / task / "keep_k.json").exists():
+            contexts[task] = contexts.get(task) or prepare_task(task, teacher, tokenizer, args)
+            keep_k_phase(task, teacher, *contexts[task][:2], contexts[task][3])
+    if args.keep_k_only:
+        return
     for r in plan(args):
         task = r["task"]
         if (OUT / task / f"{run_name(r)}.json").exists():
@@ -272,6 +284,45 @@ def run_all(args):
         write_table()
 
 
+KEEP_K_GRID = (36, 72, 144, 216, 288, 432, 576)
+
+
+def keep_k_phase(task, teacher, stats, scoring_batches, dev_batches) -> None:
+    """Keep-k curves of the last layer for every scored criterion (`hf_taskdistill.report.keep_k_curve`)."""
+    from hf_taskdistill.pruning import scores_from_statistics
+    from hf_taskdistill.report import keep_k_curve
+
+    t0 = time.perf_counter()
+    scores = {c: scores_from_statistics(stats, c, "last").last_layer.float()
+              for c in CRITERIA if c not in ("activation", "random")}  # fmt: skip
+    layer = teacher.config.num_hidden_layers - 1
+    report = keep_k_curve(teacher, scoring_batches, dev_batches, layer, scores, k_grid=KEEP_K_GRID,
+                          criterion="grad", k=288, seed=0)  # fmt: skip
+    report["seconds_total"] = round(time.perf_counter() - t0, 1)
+    (OUT / task / "keep_k.json").write_text(json.dumps(report, indent=2))
+    log(f"{task}: keep-k curves of {sorted(report['nll'])} ({report['seconds_total']:.0f} s)")
+
+
+def _keep_k_lines(task_dir) -> list[str]:
+    path = task_dir / "keep_k.json"
+    if not path.exists():
+        return []
+    rep = json.loads(path.read_text())
+    names = list(rep["nll"])
+    lines = [(f"Keep-k curve of teacher layer {rep['layer']} (dev NLL when only the top-k units of the layer's output "
+             f"are kept and the rest set to their scoring-data mean; {rep['num_examples']} dev examples, "
+             f"{rep['num_tokens']} tokens; full teacher {rep['full_teacher_nll']:.3f}, all units at their mean "
+             f"{rep['mean_floor_nll']:.3f}; last-layer scores of each criterion, `activation` = mean |h| of the "
+             f"layer output; {rep['seconds_total']:.0f} s):"), "",
+             "| k | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    for i, k in enumerate(rep["k_grid"]):
+        row = [rep["nll"][n][i] for n in names]
+        best = min(v for n, v in zip(names, row, strict=True) if not n.endswith("_bottom"))
+        cells = [f"**{v:.3f}**" if v == best and k < rep["d_t"] else f"{v:.3f}" for v in row]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_table() -> None:
     lines = ["# Pruning benchmark (SmolLM2-135M-Instruct)", ""]
     for task_dir in sorted(p for p in OUT.iterdir() if p.is_dir()) if OUT.exists() else []:
@@ -279,7 +330,7 @@ def write_table() -> None:
         if not meta_file.exists():
             continue
         meta = json.loads(meta_file.read_text())
-        recs = [json.loads(f.read_text()) for f in sorted(task_dir.glob("k*.json"))]
+        recs = [json.loads(f.read_text()) for f in sorted(task_dir.glob("k*.json")) if f.name != "keep_k.json"]
         header = (
             f"Teacher dev NLL {meta['teacher_dev_nll']:.3f} per completion token ({meta['num_dev']} dev examples, "
             f"{meta.get('dev_tokens', '?')} tokens, max_length {meta['max_length']}); scoring on "
@@ -291,9 +342,13 @@ def write_table() -> None:
             "| K | M | criterion | aggregation | norm rescale | params | NLL after cut | NLL after recovery | s |"
         )
         sizes = sorted({(r["k"], r["m"] or 1536) for r in recs if r["recover"]})
-        coverage = (f"Recovered runs exist for (K, M) = {', '.join(f'({k}, {m})' for k, m in sizes) or 'none'}; the "
-                    "rest of the plan (`plan()`: MLP pruning, K=432) was not reached when the table was written.")  # fmt: skip
-        lines += [f"## {meta['task']}", "", header, "", coverage, "", columns, "|---|---|---|---|---|---|---|---|---|"]
+        todo = [run_name(r) for r in plan(argparse.Namespace(tasks=[meta["task"]], rescale="rms"))
+                if not (task_dir / f"{run_name(r)}.json").exists()]  # fmt: skip
+        coverage = (f"Recovered runs exist for (K, M) = {', '.join(f'({k}, {m})' for k, m in sizes) or 'none'}; "
+                    + (f"{len(todo)} runs of the plan (`plan()`) are missing: {', '.join(todo)}." if todo
+                       else "every run of the plan (`plan()`) is here."))  # fmt: skip
+        lines += [f"## {meta['task']}", "", *_keep_k_lines(task_dir), header, "", coverage, "", columns,
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         recs.sort(key=lambda r: (not r["recover"], r["k"], r["m"] or 0, r["rescale"] != "rms", r["criterion"],
                                  r["aggregation"]))  # fmt: skip
         for r in recs:

@@ -333,7 +333,9 @@ def test_select_report_recovery_trains_the_cut_on_rows_outside_the_held_out_ones
     out = tmp_path / "recovered"
     # a recipe that loads the teacher with init kwargs (as the real recipes do): the recovery reuses the loaded one
     recipe = yaml.safe_load((workspace / "recipe.yaml").read_text())
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "teacher_model_init_kwargs": {"dtype": "float32"}}))
+    (tmp_path / "recipe.yaml").write_text(
+        yaml.safe_dump({**recipe, "teacher_model_init_kwargs": {"dtype": "float32"}})
+    )
     argv = ["select", "--config", str(tmp_path / "recipe.yaml"), "--output_dir", str(out), "--report",
             "--report_num_samples", "12", "--report_prune_hidden_size", "16", "--report_k_grid", "16", "32",
             "--recovery_steps", "3", "--learning_rate", "0.01"]  # fmt: skip

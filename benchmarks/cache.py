@@ -150,7 +150,7 @@ class Bench:
 
     def build(self, data, top_k=None, k=None, dtype="bfloat16", path=None, units=True):
         """A cache of `data`: top-K log-probs + tail and (`units`) k selected units of the last layer."""
-        from hf_taskdistill.cache import build_teacher_cache
+        from hf_taskdistill.cache_build import build_teacher_cache
 
         top_k = (8 if self.args.quick else 64) if top_k is None else top_k
         k = k or self.unit_counts()[0]

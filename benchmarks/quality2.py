@@ -2,7 +2,7 @@
 
 One teacher (SmolLM2-135M-Instruct, `local/smollm2-135m-instruct`), one student shape cut out of it with
 `hf_taskdistill.pruning.prune_teacher` (K residual units, M MLP neurons, N layers), and one teacher cache
-(`hf_taskdistill.cache.build_teacher_cache`: top-K log-probs + the *whole* last teacher layer, so every arm's units
+(`hf_taskdistill.cache_build.build_teacher_cache`: top-K log-probs + the *whole* last teacher layer, so every arm's units
 and the projector read the same cache). Every arm trains the same shape, on the same examples in the same order,
 for the same steps, seed by seed; only the initialisation and the loss differ:
 
@@ -451,7 +451,8 @@ class Bench:
 
     def cache(self) -> str:
         """One full-layer cache (the whole last teacher layer + top-K log-probs) shared by every arm."""
-        from hf_taskdistill.cache import HEADER_NAME, TeacherCache, build_teacher_cache
+        from hf_taskdistill.cache import HEADER_NAME, TeacherCache
+        from hf_taskdistill.cache_build import build_teacher_cache
         from hf_taskdistill.selection import load_unit_selection
 
         out = self.cache_dir()

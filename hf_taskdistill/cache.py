@@ -556,12 +556,3 @@ def open_teacher_cache(
             raise ValueError("check_dataset needs the trainer's collator next to the dataset.")
         cache.check_dataset(dataset, collator, allow_extra=allow_extra)
     return cache
-
-
-def __getattr__(name: str):
-    # The build lives in `cache_build` (it imports this module); its public names stay reachable from here.
-    if name in ("build_teacher_cache", "check_output_dir"):
-        from . import cache_build
-
-        return getattr(cache_build, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

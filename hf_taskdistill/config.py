@@ -26,7 +26,7 @@ class TaskFeatureDistillConfig(GKDConfig):
     `"auto"`, which avoids a `KeyError` in TRL's GKD), `disable_dropout`.
 
     teacher_cache (`str` or `None`, *optional*, defaults to `None`):
-        A teacher cache directory written by `hf-taskdistill cache` (`hf_taskdistill.cache.build_teacher_cache`): the
+        A teacher cache directory written by `hf-taskdistill cache` (`hf_taskdistill.cache_build.build_teacher_cache`): the
         teacher's top-K log-probs (+ tail bucket) and selected units per completion token. No teacher is loaded; the
         logit term is GKD's generalized JSD over the top-K support plus the tail, the feature term reads the cached
         units. Off-policy only (`lmbda=0`, `seq_kd=False`): the teacher must see the student's own samples otherwise.

@@ -51,7 +51,8 @@ def build_cache(host: str, directory: str) -> dict:
     from fsdp_worker import build
     from trl.experimental.utils import DataCollatorForChatML
 
-    from hf_taskdistill.cache import TeacherCache, build_teacher_cache
+    from hf_taskdistill.cache import TeacherCache
+    from hf_taskdistill.cache_build import build_teacher_cache
 
     tokenizer, messages, teacher, _, args = build("gkd", 1, os.path.join(os.path.dirname(directory), "unused"))
     collator = DataCollatorForChatML(tokenizer=tokenizer, max_length=args.max_length)

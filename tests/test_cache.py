@@ -19,9 +19,9 @@ from hf_taskdistill.cache import (
     TeacherCache,
     TeacherCacheError,
     TeacherCacheWriteError,
-    build_teacher_cache,
     open_teacher_cache,
 )
+from hf_taskdistill.cache_build import build_teacher_cache
 from hf_taskdistill.hooks import LayerTap
 from hf_taskdistill.losses import valid_positions
 from hf_taskdistill.selection import LayerSelection, UnitSelection

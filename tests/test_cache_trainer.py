@@ -18,7 +18,8 @@ import torch
 from trl.experimental.utils import DataCollatorForChatML
 
 from hf_taskdistill import FeatureDistillSFTTrainer, FeatureDistillTrainer
-from hf_taskdistill.cache import TeacherCacheError, build_teacher_cache
+from hf_taskdistill.cache import TeacherCacheError
+from hf_taskdistill.cache_build import build_teacher_cache
 
 from .conftest import make_config
 

@@ -13,7 +13,8 @@ from datasets import Dataset
 from trl.experimental.utils import DataCollatorForChatML
 
 from hf_taskdistill import FeatureDistillSFTTrainer, FeatureDistillTrainer
-from hf_taskdistill.cache import TeacherCacheError, build_teacher_cache
+from hf_taskdistill.cache import TeacherCacheError
+from hf_taskdistill.cache_build import build_teacher_cache
 from hf_taskdistill.selection import LayerSelection, UnitSelection
 from hf_taskdistill.toy import make_toy_examples, tiny_llama, to_messages, to_prompt_completion
 

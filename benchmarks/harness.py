@@ -297,7 +297,9 @@ def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0)
     statistic is the mean over seeds of the per-seed differences, and each bootstrap draw resamples the examples once
     for all seeds (the examples are the shared source of noise; the seed-to-seed spread is reported next to it).
 
-    Returns `{"diff", "ci95": [lo, hi], "per_seed": [...], "n_examples", "n_seeds", "excludes_zero"}`.
+    Returns `{"diff", "ci95": [lo, hi], "per_seed": [...], "n_examples", "n_seeds", "excludes_zero",
+    "seed_ci95"}`: `seed_ci95` is the t interval over the per-seed differences (`seed_interval`; None for one seed),
+    the interval that also counts seed-to-seed variation.
     """
     import numpy as np
 
@@ -315,7 +317,29 @@ def paired_difference(x_runs, y_runs, tokens, n_boot: int = 2000, seed: int = 0)
     boot = (d[:, idx].sum(-1) / t[idx].sum(-1)).mean(0)  # (n_boot,)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"diff": float(per_seed.mean()), "ci95": [float(lo), float(hi)], "per_seed": per_seed.tolist(),
-            "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0)}  # fmt: skip
+            "n_examples": int(t.shape[0]), "n_seeds": int(d.shape[0]), "excludes_zero": bool(lo > 0 or hi < 0),
+            "seed_ci95": seed_interval(per_seed.tolist())}  # fmt: skip
+
+
+# two-sided 95% Student t quantiles, t_{0.975, df} for df = 1..30 (beyond: the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def seed_interval(values) -> list[float] | None:
+    """95% t interval of the mean of per-seed values (mean +- t_{0.975, n-1} sd / sqrt(n)); None for < 2 values.
+
+    Training seeds are few (3 here), so this interval is wide: it answers "would another seed agree?", which the
+    bootstrap over examples (the examples are shared by every seed) does not."""
+    import math
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
 
 
 def rouge_per_example(

@@ -147,6 +147,8 @@ def compare_runs(runs: dict, comparisons=COMPARISONS, n_boot: int = 2000) -> lis
                     r["diff"] *= scale
                     r["ci95"] = [v * scale for v in r["ci95"]]
                     r["per_seed"] = [v * scale for v in r["per_seed"]]
+                    if r.get("seed_ci95"):
+                        r["seed_ci95"] = [v * scale for v in r["seed_ci95"]]
             row["accuracy" if metric == "correct" else "nll"] = {"pooled": pooled, "per_seed": by_seed}
         out.append(row)
     return out
@@ -815,6 +817,15 @@ def _fmt_ci(r: dict, digits: int) -> str:
     return f"{r['diff']:+.{digits}f} [{r['ci95'][0]:+.{digits}f}, {r['ci95'][1]:+.{digits}f}]{star}"
 
 
+def _fmt_seed_ci(r: dict, digits: int) -> str:
+    """The seed-level t interval of a pooled difference (`harness.seed_interval`), '–' for one seed."""
+    ci = r.get("seed_ci95")
+    if not ci:
+        return "–"
+    star = " *" if ci[0] > 0 or ci[1] < 0 else ""
+    return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]{star}"
+
+
 def aggregate(args) -> dict:
     """results.json / results.md from every finished run: the arm table and the paired differences."""
     import statistics
@@ -881,23 +892,27 @@ def aggregate(args) -> dict:
         (
             "Gap closed: (untrained init NLL - arm NLL) / (untrained init NLL - teacher NLL). Paired differences x - y "
             "over the same dev examples (bootstrap 95% interval over examples, 2000 draws; pooled = mean over the shared "
-            "training seeds; * = interval excludes 0). NLL: nats per completion token, negative = x better; accuracy: "
-            "points, positive = x better."
+            "training seeds; * = interval excludes 0). Seed-level: the 95% t interval over the per-seed differences "
+            "(counts seed-to-seed variation; wide with 3 seeds). NLL: nats per completion token, negative = x better; "
+            "accuracy: points, positive = x better."
         ),
         "",
-        f"| x - y | question | seeds | Δ dev NLL | Δ token acc |{' Δ ROUGE-L |' if has_rouge else ''}",
-        "|---" * (5 + has_rouge) + "|",
+        f"| x - y | question | seeds | Δ dev NLL | seed-level | Δ token acc |{' Δ ROUGE-L |' if has_rouge else ''}",
+        "|---" * (6 + has_rouge) + "|",
     ]
     for c in comps:
         rouge = (f" {_fmt_ci(c['rougeL']['pooled'], 2)} |" if "rougeL" in c else " – |") if has_rouge else ""
         lines.append(
             f"| {c['x']} - {c['y']} | {c['question']} | {','.join(map(str, c['seeds']))} | "
-            f"{_fmt_ci(c['nll']['pooled'], 4)} | {_fmt_ci(c['accuracy']['pooled'], 2)} |{rouge}"
+            f"{_fmt_ci(c['nll']['pooled'], 4)} | {_fmt_seed_ci(c['nll']['pooled'], 4)} | "
+            f"{_fmt_ci(c['accuracy']['pooled'], 2)} |{rouge}"
         )
         if len(c["seeds"]) > 1:
             for seed, r in c["nll"]["per_seed"].items():
                 acc = c["accuracy"]["per_seed"][seed]
-                lines.append(f"| ↳ seed {seed} | | | {_fmt_ci(r, 4)} | {_fmt_ci(acc, 2)} |{' |' if has_rouge else ''}")
+                lines.append(
+                    f"| ↳ seed {seed} | | | {_fmt_ci(r, 4)} | | {_fmt_ci(acc, 2)} |{' |' if has_rouge else ''}"
+                )
     rouge_lines, rouge_summary = rouge_section(_load_rouge(out), args.rouge_sets)
     lines += rouge_lines
     missing = [f"{arm}/seed{s}" for s in args.seeds for arm in args.arms if s not in runs.get(arm, {})]

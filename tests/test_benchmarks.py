@@ -101,6 +101,10 @@ def test_paired_difference_is_per_token_and_paired(quality2):
     pooled = quality2.paired_difference([x, y], [y, y], tokens, n_boot=500)
     assert pooled["per_seed"] == pytest.approx([-0.1, 0.0]) and pooled["diff"] == pytest.approx(-0.05)
     assert pooled["ci95"] == pytest.approx([-0.05, -0.05])
+    # ... while the seed-level t interval counts the seed-to-seed spread: -0.05 +- 12.706 * 0.0707 / sqrt(2)
+    assert pooled["seed_ci95"] == pytest.approx([-0.05 - 0.6353, -0.05 + 0.6353], abs=1e-3)
+    assert r["seed_ci95"] is None
+    assert quality2.harness.seed_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5])
     with pytest.raises(ValueError, match="equal shapes"):
         quality2.paired_difference(x, y[:3], tokens)
     assert quality2.per_token([1.0, 3.0], [2, 2]) == 1.0

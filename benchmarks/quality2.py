@@ -913,8 +913,11 @@ def aggregate(args) -> dict:
                 lines.append(
                     f"| ↳ seed {seed} | | | {_fmt_ci(r, 4)} | | {_fmt_ci(acc, 2)} |{' |' if has_rouge else ''}"
                 )
-    rouge_lines, rouge_summary = rouge_section(_load_rouge(out), args.rouge_sets)
-    lines += rouge_lines
+    rouge, rouge_by_type = _load_rouge(out), {}
+    for rouge_type in rouge_types(args.task):  # ROUGE-1/2/L on DialogSum, ROUGE-L on the instruction sets
+        rouge_lines, rouge_by_type[rouge_type] = rouge_section(rouge, args.rouge_sets, rouge_type)
+        lines += rouge_lines
+    rouge_summary = rouge_by_type.get("rougeL", {})
     missing = [f"{arm}/seed{s}" for s in args.seeds for arm in args.arms if s not in runs.get(arm, {})]
     if missing:
         lines += [
@@ -924,7 +927,7 @@ def aggregate(args) -> dict:
     md = "\n".join(lines)
     summary = {"task": args.task, "profile": args.profile, "arms": table, "comparisons": comps,
                "references": {k: v["dev_summary"] for k, v in refs.items()}, "rouge": rouge_summary, "missing": missing,
-               "table": md}  # fmt: skip
+               "rouge_by_type": rouge_by_type, "table": md}  # fmt: skip
     harness.write_results(out, "results", summary, md)
     print(md)
     return summary

@@ -353,7 +353,8 @@ class Bench:
         return {}
 
     def _timed(self, part: str, seconds: float) -> None:
-        self.timings[part] = round(seconds, 1)
+        # re-read first: another process of the same run (one per core) may have added its parts since
+        self.timings = {**self._load_timings(), part: round(seconds, 1)}
         quality._write_json(self._timings_path(), self.timings)
 
     def fits(self, part: str, estimate: float | None) -> bool:

@@ -290,25 +290,6 @@ def dev_summary(dev: dict) -> dict:
             "n_examples": len(dev["tokens"]), "n_tokens": int(sum(dev["tokens"]))}  # fmt: skip
 
 
-def _projector_trainer_class():
-    """`FeatureDistillTrainer` whose stored-selection check lets a projector selection (no indices, k = 0) through.
-
-    Benchmark-local shim: `_reconcile_stored` compares k with the student width even for the projector baseline, so
-    the projector cannot train from a teacher cache (`ValueError: The stored selection holds k=0 units`). Reported
-    for `hf_taskdistill/trainer.py`; remove this once the trainer skips that check for projector selections.
-    """
-    from hf_taskdistill import FeatureDistillTrainer
-
-    class ProjectorFromCacheTrainer(FeatureDistillTrainer):
-        def _reconcile_stored(self, selection, pairs, s_cfg, t_cfg, references) -> None:
-            if selection.selection_method == "projector":
-                selection.student_hidden_size = s_cfg.hidden_size
-                return
-            super()._reconcile_stored(selection, pairs, s_cfg, t_cfg, references)
-
-    return ProjectorFromCacheTrainer
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the parts: scoring statistics, pruned students, cache, arms
 # ----------------------------------------------------------------------------------------------------------------
@@ -530,8 +511,7 @@ class Bench:
                                                processing_class=self.tokenizer)  # fmt: skip
         else:
             cfg = quality._train_config(a, run_dir, seed, a.steps, a.learning_rate, teacher_cache=cache, **extra)
-            cls = _projector_trainer_class() if loss == "kd_projector" else FeatureDistillTrainer
-            trainer = cls(model=student, teacher_model=None, args=cfg, train_dataset=self.train,
+            trainer = FeatureDistillTrainer(model=student, teacher_model=None, args=cfg, train_dataset=self.train,
                                             processing_class=self.tokenizer, unit_selection=unit_selection)  # fmt: skip
         trainer.remove_callback(PrinterCallback)
         setup = time.perf_counter() - t0

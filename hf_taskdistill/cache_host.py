@@ -17,18 +17,16 @@ from trl import SFTTrainer
 from .config import TaskFeatureDistillConfig
 from .hooks import resolve_layer_index
 from .losses import valid_positions
-from .selection import LayerSelection, UnitSelection, load_unit_selection
-
-
-def selection_pairs(selection: UnitSelection) -> list[tuple[int, int]]:
-    return [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
+from .selection import load_unit_selection
+from .unit_resolution import projector_selection, reconcile_stored, selection_pairs, stored_selection_source
 
 
 class CachedTeacherMixin:
     """Set-up and loss from a teacher cache, shared by both hosts (a base of `_FeatureDistillMixin`).
 
-    Relies on the trainer's own selection helpers (`_warn_engine`, `_pruning_record`, `_reconcile_stored`,
-    `_finish_selection`) and loss helpers (`_feature_term`, `_host_correction`, `_log_host`), called via `self`.
+    Takes the run's units as the online set-up does (`unit_resolution.py`), and relies on the trainer's own
+    `_warn_engine`, `_finish_selection` and loss helpers (`_feature_term`, `_host_correction`, `_log_host`), called
+    via `self`.
     """
 
     def _setup_from_cache(self, teacher_model: Any, unit_selection: Any, references: dict) -> None:
@@ -61,12 +59,10 @@ class CachedTeacherMixin:
         self.data_collator = cache.wrap_collator(self.data_collator)
         if not self._fd_active:
             return
-        if unit_selection is None and args.selection_path:
-            unit_selection = args.selection_path
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if unit_selection is None and not args.feature_projector and self._pruning_record(student):
-            unit_selection = student.config.task_distill  # a pruned student's own units, as online
-        selection = load_unit_selection(unit_selection) if unit_selection is not None else cache.selection
+        source = stored_selection_source(unit_selection, args, student)
+        selection = load_unit_selection(source) if source is not None else cache.selection
+        s_cfg = student.config.get_text_config()
         if args.feature_projector and selection is not None and selection.selection_method != "projector":
             # the projector matches whole teacher layers: the cache must hold them (`--full_layer`)
             layers = cache.header.get("layers") or []
@@ -75,12 +71,8 @@ class CachedTeacherMixin:
                     f"feature_projector=True needs whole teacher layers, but the teacher cache {args.teacher_cache} "
                     "holds selected units only: rebuild it with `--full_layer` (full_layer=True)."
                 )
-            selection = UnitSelection(
-                layers=[LayerSelection(ls.student_layer, ls.teacher_layer, None) for ls in selection.layers],
-                selection_method="projector",
-                teacher_hidden_size=selection.teacher_hidden_size,
-                student_hidden_size=student.config.get_text_config().hidden_size,
-                teacher=selection.teacher,
+            selection = projector_selection(
+                selection_pairs(selection), selection.teacher_hidden_size, s_cfg.hidden_size, selection.teacher
             )
         if selection is None:
             raise ValueError(
@@ -90,10 +82,9 @@ class CachedTeacherMixin:
             )
         if selection.selection_method != "projector":
             cache.check_compatible(selection=selection)
-        s_cfg = student.config.get_text_config()
         for ls in selection.layers:
             resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
-        self._reconcile_stored(selection, selection_pairs(selection), s_cfg, None, references)
+        reconcile_stored(selection, None, s_cfg.hidden_size, args)  # the layer pairs are checked below
         if args.feature_layers is not None:
             # The cache's header records the teacher's layer count, so negative teacher indices resolve as online.
             n_t = (cache.header.get("teacher_config") or {}).get("num_hidden_layers")

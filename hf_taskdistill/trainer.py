@@ -20,13 +20,23 @@ from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection
 
-from .cache_host import CachedGKDMixin, CachedTeacherMixin, selection_pairs  # noqa: F401 (selection_pairs: re-export)
+from .cache_host import CachedGKDMixin, CachedTeacherMixin
 from .config import TaskFeatureDistillConfig
-from .hooks import LayerTap, resolve_layer_index
+from .hooks import LayerTap
 from .losses import feature_loss, valid_positions
 from .provenance import FLEX_KD_PAPER, cached_revision, is_hub_id, model_reference
 from .scoring import model_inputs, select_task_units
-from .selection import REPORT_NAME, REPORT_PLOT_NAME, LayerSelection, UnitSelection, load_unit_selection
+from .selection import REPORT_NAME, REPORT_PLOT_NAME, UnitSelection, load_unit_selection
+from .unit_resolution import (
+    at_every_layer,
+    check_selection,
+    projector_selection,
+    pruning_record,
+    reconcile_stored,
+    scoring_subset,
+    selection_dir,
+    stored_selection_source,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -180,12 +190,12 @@ class _FeatureDistillMixin(CachedTeacherMixin):
             return
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
-        init = self._pruning_record(student)
+        init = pruning_record(student)
         pairs = args.resolve_layer_pairs(
             s_cfg.num_hidden_layers, t_cfg.num_hidden_layers, init.get("layers_kept") if init else None
         )
         selection = self._resolve_selection(unit_selection, teacher, references, pairs, s_cfg, t_cfg)
-        self._check_selection(selection, s_cfg.hidden_size, t_cfg.hidden_size, s_cfg, t_cfg)
+        check_selection(selection, s_cfg, t_cfg)
         self._finish_selection(selection, student, s_cfg, references, teacher_hidden_size=t_cfg.hidden_size)
         device = next(teacher.parameters()).device
         gather = {}
@@ -234,42 +244,26 @@ class _FeatureDistillMixin(CachedTeacherMixin):
             self._add_projector(student, s_cfg.hidden_size, teacher_hidden_size, len(selection.layers))
 
     def _resolve_selection(self, unit_selection, teacher, references, pairs, s_cfg, t_cfg) -> UnitSelection:
+        """The run's selection: a stored one (argument, `selection_path`, or a pruned student's own units), the
+        projector baseline's whole layers, or a scoring pass over `selection_num_samples` training examples."""
         args: TaskFeatureDistillConfig = self.args
-        if unit_selection is None and args.selection_path:
-            unit_selection = args.selection_path
         student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if unit_selection is None and not args.feature_projector and self._pruning_record(student):
-            # A student cut out of this teacher (`hf-taskdistill prune`) carries the units it was cut at: student
-            # unit i is teacher unit S_i, so those are the units to distil, in that order, without re-scoring.
-            unit_selection = student.config.task_distill
-            logger.info("The student was pruned from the teacher: reusing its residual units (no scoring).")
-        if unit_selection is not None:
-            selection = load_unit_selection(unit_selection)
-            if isinstance(unit_selection, (str, os.PathLike)) and os.path.exists(unit_selection):
-                # where the selection report (`hf-taskdistill select --report`) lives, copied into every save
-                path = os.fspath(unit_selection)
-                self._fd_selection_dir = path if os.path.isdir(path) else os.path.dirname(path)
-            if args.feature_layers == "all" and selection.init:
-                # The residual stream is shared by every layer: the same units match at every kept layer.
-                selection.layers = [LayerSelection(s, t, list(selection.init["residual_indices"])) for s, t in pairs]
-            self._reconcile_stored(selection, pairs, s_cfg, t_cfg, references)
+        source = stored_selection_source(unit_selection, args, student)
+        if source is not None:
+            selection = load_unit_selection(source)
+            self._fd_selection_dir = selection_dir(source)  # the report is copied into every save
+            if args.feature_layers == "all":
+                selection = at_every_layer(selection, pairs)
+            reconcile_stored(selection, pairs, s_cfg.hidden_size, args)
             logger.info("Reusing a stored unit selection (%s); scoring skipped.", selection.selection_method)
             return selection
         if args.feature_projector:
-            return UnitSelection(
-                layers=[LayerSelection(s, t, None) for s, t in pairs],
-                selection_method="projector",
-                teacher_hidden_size=t_cfg.hidden_size,
-                student_hidden_size=s_cfg.hidden_size,
-                teacher=references["teacher"],
-            )
-        k = args.selection_num_units or s_cfg.hidden_size
-        batches = self._scoring_batches()
+            return projector_selection(pairs, t_cfg.hidden_size, s_cfg.hidden_size, references["teacher"])
         try:
             return select_task_units(
                 teacher,
-                batches,
-                num_units=k,
+                self._scoring_batches(),
+                num_units=args.selection_num_units or s_cfg.hidden_size,
                 layer_pairs=pairs,
                 method=args.selection_method,
                 order=args.selection_order,
@@ -287,39 +281,6 @@ class _FeatureDistillMixin(CachedTeacherMixin):
                     "(TRL's SFTTrainer raises the same at its first training step)."
                 ) from e
             raise
-
-    @staticmethod
-    def _pruning_record(student) -> dict | None:
-        """The `init` block of a student made by `hf-taskdistill prune` (how it was cut), else None."""
-        stored = getattr(student.config, "task_distill", None)
-        init = stored.get("init") if isinstance(stored, dict) else None
-        return init if isinstance(init, dict) and init.get("residual_indices") else None
-
-    def _reconcile_stored(self, selection: UnitSelection, pairs, s_cfg, t_cfg, references) -> None:
-        """A stored selection must agree with the run's explicit settings: an error names both values."""
-        args: TaskFeatureDistillConfig = self.args
-        if selection.selection_method == "projector":  # whole teacher layers: no k to agree on
-            selection.student_hidden_size = s_cfg.hidden_size
-            return
-        stored_pairs = [(ls.student_layer, ls.teacher_layer) for ls in selection.layers]
-        if args.feature_layers is not None and stored_pairs != pairs:
-            raise ValueError(
-                f"feature_layers asks for layer pairs {pairs} (student, teacher), but the stored selection was made "
-                f"for {stored_pairs}. Drop feature_layers to train on the stored pairs, or re-score without "
-                "selection_path for the new pairs."
-            )
-        if args.selection_num_units is not None and args.selection_num_units != selection.k:
-            raise ValueError(
-                f"selection_num_units={args.selection_num_units}, but the stored selection holds k={selection.k} "
-                "units. Drop selection_num_units to use the stored k, or re-score without selection_path."
-            )
-        if args.selection_num_units is None and selection.k != s_cfg.hidden_size:
-            raise ValueError(
-                f"The stored selection holds k={selection.k} units, but the student's hidden size is "
-                f"{s_cfg.hidden_size} (k defaults to the student width). Set selection_num_units={selection.k} to "
-                "match only the first k student units, or re-score without selection_path."
-            )
-        selection.student_hidden_size = s_cfg.hidden_size  # the student this run trains
 
     def _describe_data(self) -> dict[str, Any]:
         """What the card says about the training data: a name when the dataset has one, the size, the columns."""
@@ -376,55 +337,15 @@ class _FeatureDistillMixin(CachedTeacherMixin):
                                        "full_layer": any(x.get("full") for x in header.get("layers") or [])}  # fmt: skip
         return record
 
-    def _scoring_subset(self):
-        """The examples to score, as the host prepared them (tokenised, packed, ...): a seeded subset of a map-style
-        dataset, or the first `selection_num_samples` examples a stream (`datasets.IterableDataset`) yields."""
-        import itertools
-
-        from datasets import Dataset, IterableDataset
-
-        args: TaskFeatureDistillConfig = self.args
-        dataset = self.train_dataset
-        if dataset is None:
-            raise ValueError("Unit selection needs a train_dataset to score on (or pass `selection_path`).")
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            # A stream has no random access: score its head. Shuffle the stream yourself
-            # (`dataset.shuffle(seed=..., buffer_size=...)`) when its first examples are not representative.
-            rows = list(itertools.islice(iter(dataset), args.selection_num_samples))
-            if not rows:
-                raise ValueError("Unit selection: the streamed train_dataset yielded no example.")
-            if len(rows) < args.selection_num_samples:
-                logger.warning("Unit selection: the stream ended after %d examples (asked for %d).", len(rows),
-                               args.selection_num_samples)  # fmt: skip
-            return Dataset.from_list(rows)
-        if not hasattr(dataset, "select"):  # a torch Dataset
-            n = min(args.selection_num_samples, len(dataset))
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.selection_seed))
-            return [dataset[int(i)] for i in order[:n]]
-        n = min(args.selection_num_samples, len(dataset))
-        return dataset.shuffle(seed=args.selection_seed).select(range(n))
-
     def _scoring_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Collated batches of the scoring subset (`unit_resolution.scoring_subset`), through the host's collator."""
         args: TaskFeatureDistillConfig = self.args
-        subset = self._scoring_subset()
+        subset = scoring_subset(self.train_dataset, args.selection_num_samples, args.selection_seed)
         if args.remove_unused_columns and hasattr(subset, "column_names"):
             subset = self._remove_unused_columns(subset, description="scoring")
         batch_size = args.selection_batch_size or args.per_device_train_batch_size
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
         return list(loader)
-
-    @staticmethod
-    def _check_selection(selection: UnitSelection, d_s: int, d_t: int, s_cfg, t_cfg) -> None:
-        if selection.teacher_hidden_size != d_t:
-            raise ValueError(
-                f"The stored selection was made for a teacher of hidden size {selection.teacher_hidden_size}, but "
-                f"this teacher has {d_t}. Re-run the selection for this teacher."
-            )
-        for ls in selection.layers:
-            if ls.k > d_s:
-                raise ValueError(f"The stored selection has {ls.k} units, more than the student's hidden size {d_s}.")
-            resolve_layer_index(ls.student_layer, s_cfg.num_hidden_layers, "student")
-            resolve_layer_index(ls.teacher_layer, t_cfg.num_hidden_layers, "teacher")
 
     def _add_projector(self, student: PreTrainedModel, d_s: int, d_t: int, n_pairs: int) -> None:
         # A submodule of the student, so the optimizer, DDP and DeepSpeed see it; kept out of `save_pretrained`.

@@ -25,8 +25,8 @@ class CachedTeacherMixin:
     """Set-up and loss from a teacher cache, shared by both hosts (a base of `_FeatureDistillMixin`).
 
     Takes the run's units as the online set-up does (`unit_resolution.py`), and relies on the trainer's own
-    `_warn_engine`, `_finish_selection` and loss helpers (`_feature_term`, `_host_correction`, `_log_host`), called
-    via `self`.
+    `_warn_engine`, `_base_student`, `_finish_selection` and loss helpers (`_feature_term`, `_host_correction`,
+    `_log_host`), called via `self`.
     """
 
     def _setup_from_cache(self, teacher_model: Any, unit_selection: Any, references: dict) -> None:
@@ -59,7 +59,7 @@ class CachedTeacherMixin:
         self.data_collator = cache.wrap_collator(self.data_collator)
         if not self._fd_active:
             return
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        student = self._base_student()
         source = stored_selection_source(unit_selection, args, student)
         selection = load_unit_selection(source) if source is not None else cache.selection
         s_cfg = student.config.get_text_config()

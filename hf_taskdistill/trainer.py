@@ -115,6 +115,10 @@ class _FeatureDistillMixin(CachedTeacherMixin):
     _default_logit_loss = "jsd"
 
     # ----- set-up, before any training step -----
+    def _base_student(self) -> nn.Module:
+        """The student without its PEFT wrapper (the model whose config and layers the selection refers to)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def _precheck(self, model, teacher_model, args: TaskFeatureDistillConfig) -> None:
         if not isinstance(args, TaskFeatureDistillConfig):
             raise TypeError(f"args must be a TaskFeatureDistillConfig, got {type(args).__name__}.")
@@ -188,7 +192,7 @@ class _FeatureDistillMixin(CachedTeacherMixin):
         self._student_tap = self._teacher_tap = None
         if not self._fd_active:
             return
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        student = self._base_student()
         s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
         init = pruning_record(student)
         pairs = args.resolve_layer_pairs(
@@ -247,7 +251,7 @@ class _FeatureDistillMixin(CachedTeacherMixin):
         """The run's selection: a stored one (argument, `selection_path`, or a pruned student's own units), the
         projector baseline's whole layers, or a scoring pass over `selection_num_samples` training examples."""
         args: TaskFeatureDistillConfig = self.args
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        student = self._base_student()
         source = stored_selection_source(unit_selection, args, student)
         if source is not None:
             selection = load_unit_selection(source)
@@ -356,7 +360,7 @@ class _FeatureDistillMixin(CachedTeacherMixin):
         student._keys_to_ignore_on_save = set(student._keys_to_ignore_on_save or ()) | ignore
 
     def _projector(self) -> nn.ModuleDict | None:
-        student = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        student = self._base_student()
         return getattr(student, PROJECTOR_ATTR, None)
 
     # ----- the loss -----

@@ -142,6 +142,8 @@ def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
     assert summary["arms"]["A"]["gap_closed"] == pytest.approx(0.5)
     assert [(c["x"], c["y"]) for c in summary["comparisons"]] == [("C", "A")]
     assert summary["missing"] == ["B/seed0"]
+    runs = {"A": {0: {}, 1: {}}, "E": {0: {}}}  # E is a one-seed arm: not missing at seed 1; C is seeded
+    assert quality2.missing_runs(runs, ["A", "C", "E", "F"], [0, 1]) == ["C/seed0", "F/seed0", "C/seed1"]
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     assert "| C - A | our method vs the Minitron-style anchor | 0 | -0.3000 [" in md and "**Partial**" in md

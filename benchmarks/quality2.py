@@ -23,10 +23,14 @@ items. Each (task, arm, seed) writes `runs/seed<s>/<arm>.json`; a rerun skips fi
 rebuilds `results.json` / `results.md` from them. Heavy artefacts (scoring statistics, pruned students, the cache)
 live under `local/bench/quality2/` and are reused.
 
-    OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile tiny                 # smoke test, a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile tiny                 # smoke test of --full, ~3 min
     OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile cpu --task dolly     # the CPU design, resumable
     python benchmarks/quality2.py --profile cpu --task dolly --aggregate_only      # tables only
-    python benchmarks/quality2.py --profile gpu --task dolly                       # the same design on a GPU
+    python benchmarks/quality2.py --profile gpu --task all                         # the whole design on a GPU
+
+A default run trains the design: A, B, C, D and G at every seed, the one-question arms (E, F, fresh rows) at the
+first; `--arms` trains the arms given at every seed. `--full` (the tiny and gpu profiles' default) makes one command
+of the whole design: those runs, the references (teacher and untrained inits), then the ROUGE pass.
 """
 
 from __future__ import annotations
@@ -78,15 +82,15 @@ PROFILES = {
     # real model, toy budget: checks every stage end to end in a few minutes
     "tiny": dict(hidden_size=288, intermediate_size=256, num_layers=4, steps=4, batch_size=2, max_length=128,
                  num_scoring=8, num_dev=12, rouge_samples=4, max_new_tokens=16, learning_rate=1e-4, seeds=[0],
-                 top_k=16),
+                 top_k=16, rouge_items=2, full=True),
     # 2 CPU cores: K = 288 of 576, MLP 768 of 1536, all 30 layers (47.4M parameters)
     "cpu": dict(hidden_size=288, intermediate_size=768, num_layers=None, steps=500, batch_size=4, max_length=192,
                 num_scoring=64, num_dev=500, rouge_samples=0, max_new_tokens=64, learning_rate=1e-4,
-                seeds=[0, 1, 2], top_k=64),
+                seeds=[0, 1, 2], top_k=64, rouge_items=100, full=False),
     # one GPU: the same design, full MLP, more steps, ROUGE on the test set
     "gpu": dict(hidden_size=288, intermediate_size=None, num_layers=None, steps=3000, batch_size=16, max_length=512,
-                num_scoring=256, num_dev=1000, rouge_samples=500, max_new_tokens=256, learning_rate=1e-4,
-                seeds=[0, 1, 2], top_k=64),
+                num_scoring=256, num_dev=1000, rouge_samples=0, max_new_tokens=256, learning_rate=1e-4,
+                seeds=[0, 1, 2], top_k=64, rouge_items=500, full=True),
 }  # fmt: skip
 
 
@@ -118,6 +122,14 @@ def missing_runs(runs: dict, arms, seeds) -> list[str]:
     seed, the other arms (one-seed questions: E, F, the fresh rows) at the first seed only."""
     return [f"{arm}/seed{s}" for s in seeds for arm in arms
             if (arm in SEEDED_ARMS or s == seeds[0]) and s not in runs.get(arm, {})]  # fmt: skip
+
+
+def training_plan(arms, seeds, arms_given: bool) -> list[tuple[str, int]]:
+    """The (arm, seed) runs to train, seed by seed: every arm at every seed when `--arms` was given, else the design
+    (`SEEDED_ARMS` at every seed, the other arms at the first), so a default run trains what `missing_runs` asks."""
+    if arms_given:
+        return [(arm, s) for s in seeds for arm in arms]
+    return [(arm, s) for s in seeds for arm in arms if arm in SEEDED_ARMS or s == seeds[0]]
 
 
 def compare_runs(runs: dict, comparisons=COMPARISONS, n_boot: int = 2000) -> list[dict]:
@@ -170,7 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    p.add_argument("--task", choices=sorted(TASKS), default="dolly")
+    p.add_argument(
+        "--task",
+        choices=[*sorted(TASKS), "all"],
+        default="dolly",
+        help="all: both tasks, one after the other (default output and work directories)",
+    )
     p.add_argument("--output_dir", default=None, help="default: benchmarks/results/quality2/<task>-<profile>")
     p.add_argument("--work_dir", default=None, help="heavy artefacts; default: local/bench/quality2/<task>-<profile>")
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "data"))
@@ -212,6 +229,16 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="sampled decoding (temperature 1) per seed, besides greedy; the protocol uses 10 20 ...",
     )
+    p.add_argument(
+        "--rouge_items",
+        type=int,
+        default=None,
+        help="items per test set of the ROUGE pass that a --full run ends with (profile default)",
+    )
+    p.add_argument("--full", action="store_true", default=None,
+                   help="the whole design in one command: the design's runs (seeded arms at every seed, the others "
+                   "at the first), the references, then the ROUGE pass (greedy + sampled seeds 10 20, every test "
+                   "set); the default of the tiny and gpu profiles")  # fmt: skip
     p.add_argument("--aggregate_only", action="store_true")
     p.add_argument("--prepare_only", action="store_true",
                    help="stop after the shared parts (scoring, cuts, cache): then arms can run in parallel processes")  # fmt: skip
@@ -227,7 +254,13 @@ def settings(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.teacher_sft_steps is None:  # the first design found SFT changes the teacher on DialogSum, not on Dolly
         args.teacher_sft_steps = TEACHER_SFT_STEPS[args.profile] if args.task == "dialogsum" else 0
+    args.arms_given = args.arms is not None
     args.arms = args.arms or list(DEFAULT_ORDER)
+    if args.full and not args.rouge_eval:  # (an explicit --rouge_eval stays the ROUGE pass alone)
+        args.rouge_items_pass = args.rouge_items
+        args.rouge_gen_seeds = args.rouge_gen_seeds or [10, 20]
+    else:
+        args.rouge_items_pass = 0
     args.rouge_sets = args.rouge_sets or (["dialogsum"] if args.task == "dialogsum" else list(INSTRUCTION_SETS))
     name = f"{args.task}-{args.profile}"
     args.work_dir = args.work_dir or os.path.join(ROOT, "local", "bench", "quality2", name)
@@ -663,7 +696,13 @@ def check_resume(args) -> None:
 
 
 def run(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = settings(argv)
+    if args.task == "all":
+        if any(a.split("=")[0] in ("--output_dir", "--work_dir") for a in argv):
+            raise SystemExit("--task all uses each task's default --output_dir and --work_dir: run one task at a time "
+                             "to choose them.")  # fmt: skip
+        return {task: run([*argv, "--task", task]) for task in TASKS}  # (the last --task wins)
     if args.aggregate_only:
         return aggregate(args)
     harness.benchmark_env(args.threads)
@@ -679,17 +718,19 @@ def run(argv=None) -> dict:
     bench.cache()
     if args.prepare_only:
         return {}
-    if args.rouge_eval:
+    if args.rouge_eval:  # the ROUGE pass alone, over the saved students
         bench.rouge_pass()
         return aggregate(args)
-    for seed in args.seeds:
-        for arm in args.arms:
-            bench.run_arm(arm, seed)
-    if args.eval_inits:
+    for arm, seed in training_plan(args.arms, args.seeds, args.arms_given):
+        bench.run_arm(arm, seed)
+    if args.eval_inits or args.full:
         # the teacher, then the untrained init of every arm asked for (the start points of "gap closed")
         inits = {ARMS[arm][0] for arm in args.arms}
         for name in ["teacher"] + [n for n in ("activation", "task", "random", "fresh") if n in inits]:
             bench.eval_reference(name)
+    if args.rouge_items_pass:  # a --full run ends with the ROUGE pass over every student it trained
+        args.rouge_eval = args.rouge_items_pass
+        bench.rouge_pass()
     return aggregate(args)
 
 
@@ -911,8 +952,10 @@ def aggregate(args) -> dict:
     if missing:
         lines += [
             "",
-            f"**Partial**: {len(missing)} (arm, seed) runs of the design not done: {', '.join(missing)} "
-            f"(seeded arms {', '.join(SEEDED_ARMS)} at every seed of --seeds, the other arms at the first).",
+            (
+                f"**Partial**: {len(missing)} (arm, seed) runs of the design not done: {', '.join(missing)} "
+                f"(seeded arms {', '.join(SEEDED_ARMS)} at every seed of --seeds, the other arms at the first)."
+            ),
         ]
     md = "\n".join(lines)
     summary = {"task": args.task, "profile": args.profile, "arms": table, "comparisons": comps,

@@ -143,6 +143,14 @@ def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
     assert [(c["x"], c["y"]) for c in summary["comparisons"]] == [("C", "A")]
     assert summary["missing"] == ["B/seed0"]
     runs = {"A": {0: {}, 1: {}}, "E": {0: {}}}  # E is a one-seed arm: not missing at seed 1; C is seeded
+    plan = quality2.training_plan(["A", "E"], [0, 1], arms_given=False)  # a default run trains the design...
+    assert plan == [("A", 0), ("E", 0), ("A", 1)]
+    assert quality2.training_plan(["E"], [0, 1], arms_given=True) == [("E", 0), ("E", 1)]  # ...--arms: every seed
+    gpu = quality2.settings(["--profile", "gpu"])  # one command: the design, the references, then the ROUGE pass
+    assert gpu.full and gpu.rouge_items_pass == 500 and gpu.rouge_gen_seeds == [10, 20] and len(gpu.rouge_sets) == 5
+    assert quality2.settings(["--profile", "cpu"]).rouge_items_pass == 0
+    with pytest.raises(SystemExit, match="one task at a time"):
+        quality2.run(["--profile", "gpu", "--task", "all", "--output_dir", out])
     assert quality2.missing_runs(runs, ["A", "C", "E", "F"], [0, 1]) == ["C/seed0", "F/seed0", "C/seed1"]
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()

@@ -813,22 +813,25 @@ def rouge_section(rouge: dict, sets, rouge_type: str = "rougeL", n_boot: int = 2
         lines.append(f"| {arm} | {','.join(map(str, seeds))} | " + " | ".join(row) + " |")
     lines += [
         "",
-        f"| x - y | seeds | items | Δ greedy {rouge_type} | Δ sampled {rouge_type} |",
-        "|---|---|---|---|---|",
+        f"| x - y | seeds | sets | items | Δ greedy {rouge_type} | Δ sampled {rouge_type} |",
+        "|---|---|---|---|---|---|",
     ]
     for x, y, _question in COMPARISONS:
         seeds = sorted(set(rouge.get(x, {})) & set(rouge.get(y, {})))
-        row = {"x": x, "y": y, "seeds": seeds}
+        # pooled over the items of every set both arms were measured on, at every shared seed
+        shared = [st for st in sets
+                  if seeds and all(rouge_vector(rouge[a][s], [st], "greedy", rouge_type) for a in (x, y) for s in seeds)]  # fmt: skip
+        row = {"x": x, "y": y, "seeds": seeds, "sets": shared}
         for decoding in ("greedy", "sampled"):
-            xs = [rouge_vector(rouge[x][s], sets, decoding, rouge_type) for s in seeds]
-            ys = [rouge_vector(rouge[y][s], sets, decoding, rouge_type) for s in seeds]
-            if seeds and all(v is not None for v in xs + ys):
+            xs = [rouge_vector(rouge[x][s], shared, decoding, rouge_type) for s in seeds]
+            ys = [rouge_vector(rouge[y][s], shared, decoding, rouge_type) for s in seeds]
+            if shared and all(v is not None for v in xs + ys):
                 row[decoding] = paired_difference(xs, ys, [1] * len(xs[0]), n_boot=n_boot)
         if "greedy" in row:
             summary["comparisons"].append(row)
             samp = _fmt_ci(row["sampled"], 2) if "sampled" in row else "–"
-            lines.append(f"| {x} - {y} | {','.join(map(str, seeds))} | {row['greedy']['n_examples']} | "
-                         f"{_fmt_ci(row['greedy'], 2)} | {samp} |")  # fmt: skip
+            lines.append(f"| {x} - {y} | {','.join(map(str, seeds))} | {'all' if shared == list(sets) else ', '.join(shared)} | "
+                         f"{row['greedy']['n_examples']} | {_fmt_ci(row['greedy'], 2)} | {samp} |")  # fmt: skip
     return lines, summary
 
 

@@ -192,5 +192,12 @@ def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp
     assert row["greedy"]["diff"] == pytest.approx(1.0) and row["sampled"]["diff"] == pytest.approx(1.0)
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
-    assert "| C - A | 0 | 4 | +1.00 [+1.00, +1.00] * | +1.00 [+1.00, +1.00] * |" in md
+    assert "| C - A | 0 | all | 4 | +1.00 [+1.00, +1.00] * | +1.00 [+1.00, +1.00] * |" in md
+    # a set measured for C but not for A: the comparison pools the sets both have
+    del rouge["A"][0]["sets"]["vicuna"]
+    _, part = quality2.rouge_section(rouge, ["dolly", "vicuna"], n_boot=200)
+    (row,) = part["comparisons"]
+    assert (
+        row["sets"] == ["dolly"] and row["greedy"]["n_examples"] == 2 and row["greedy"]["diff"] == pytest.approx(1.0)
+    )
     assert "| teacher | – | 15.00 | 35.00 | 25.00 | 7.50 |" in md

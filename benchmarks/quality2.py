@@ -240,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
                    "at the first), the references, then the ROUGE pass (greedy + sampled seeds 10 20, every test "
                    "set); the default of the tiny and gpu profiles")  # fmt: skip
     p.add_argument("--aggregate_only", action="store_true")
+    p.add_argument("--headline", nargs="+", metavar="OUTPUT_DIR", default=None,
+                   help="print the headline table of these output directories' results.json (one per task) and exit")  # fmt: skip
     p.add_argument("--prepare_only", action="store_true",
                    help="stop after the shared parts (scoring, cuts, cache): then arms can run in parallel processes")  # fmt: skip
     return p
@@ -698,6 +700,10 @@ def check_resume(args) -> None:
 def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = settings(argv)
+    if args.headline:
+        md = headline([_read_json(os.path.join(d, "results.json")) for d in args.headline])
+        print(md)
+        return {"headline": md}
     if args.task == "all":
         if any(a.split("=")[0] in ("--output_dir", "--work_dir") for a in argv):
             raise SystemExit("--task all uses each task's default --output_dir and --work_dir: run one task at a time "
@@ -857,6 +863,38 @@ def _fmt_seed_ci(r: dict, digits: int) -> str:
         return "–"
     star = " *" if ci[0] > 0 or ci[1] < 0 else ""
     return f"[{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]{star}"
+
+
+HEADLINE = [("C", "A", "ours vs Minitron-style"), ("C", "D", "units vs projector"), ("C", "B", "feature term vs none"),
+            ("B", "A", "task cut vs activation cut"), ("G", "A", "our loss on Minitron's cut"),
+            ("C", "E", "task vs random units"), ("C", "F", "KD + units vs SFT only")]  # fmt: skip
+
+
+def headline(summaries: list[dict]) -> str:
+    """The README's headline table from the `results.json` summaries of several tasks: per comparison and task, the
+    pooled dev-NLL difference (bootstrap interval over examples; seed-level t interval where several seeds) and the
+    greedy ROUGE-L difference (pooled over the sets both arms were measured on)."""
+
+    def cell(summary, x, y):
+        nll = next((c for c in summary["comparisons"] if (c["x"], c["y"]) == (x, y)), None)
+        rouge = next((c for c in summary.get("rouge", {}).get("comparisons", []) if (c["x"], c["y"]) == (x, y)), None)
+        if nll is None:
+            return "not run", "not run"
+        seeds = nll["seeds"]
+        text = f"{_fmt_ci(nll['nll']['pooled'], 3)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})"
+        if nll["nll"]["pooled"].get("seed_ci95"):
+            text += f"; seeds {_fmt_seed_ci(nll['nll']['pooled'], 3)}"
+        return text, (_fmt_ci(rouge["greedy"], 2) if rouge else "not run")
+
+    head = "| x − y (negative NLL = x better) |"
+    for sm in summaries:
+        head += f" {sm['task']} Δ dev NLL | {sm['task']} Δ greedy ROUGE-L |"
+    lines = [head, "|---" * (1 + 2 * len(summaries)) + "|"]
+    for x, y, question in HEADLINE:
+        cells = [c for sm in summaries for c in cell(sm, x, y)]
+        if any(c != "not run" for c in cells):
+            lines.append(f"| {x} − {y} ({question}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def aggregate(args) -> dict:

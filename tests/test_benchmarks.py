@@ -201,3 +201,20 @@ def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp
         row["sets"] == ["dolly"] and row["greedy"]["n_examples"] == 2 and row["greedy"]["diff"] == pytest.approx(1.0)
     )
     assert "| teacher | – | 15.00 | 35.00 | 25.00 | 7.50 |" in md
+
+
+def test_headline_table_reads_results_of_each_task(quality2):
+    def diff(d, lo, hi, seed_ci=None):
+        return {"diff": d, "ci95": [lo, hi], "excludes_zero": lo > 0 or hi < 0, "seed_ci95": seed_ci}
+
+    dolly = {"task": "dolly", "comparisons": [
+        {"x": "C", "y": "A", "seeds": [0, 1, 2], "nll": {"pooled": diff(0.25, 0.2, 0.3, [0.19, 0.31])}}],
+        "rouge": {"comparisons": [{"x": "C", "y": "A", "greedy": diff(-1.5, -3.0, -0.25)}]}}  # fmt: skip
+    dsum = {"task": "dialogsum", "comparisons": [
+        {"x": "C", "y": "A", "seeds": [0], "nll": {"pooled": diff(0.2, 0.1, 0.3)}},
+        {"x": "C", "y": "D", "seeds": [0], "nll": {"pooled": diff(-0.05, -0.06, -0.04)}}]}  # fmt: skip
+    md = quality2.headline([dolly, dsum]).splitlines()
+    assert md[0].count("Δ dev NLL") == 2 and len(md) == 4  # header, rule, C - A, C - D (the others: nowhere run)
+    assert md[2] == ("| C − A (ours vs Minitron-style) | +0.250 [+0.200, +0.300] * (3 seeds); seeds [+0.190, +0.310] * "
+                     "| -1.50 [-3.00, -0.25] * | +0.200 [+0.100, +0.300] * (1 seed) | not run |")  # fmt: skip
+    assert md[3].startswith("| C − D (units vs projector) | not run | not run | -0.050 [-0.060, -0.040] * (1 seed)")

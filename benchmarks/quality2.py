@@ -701,7 +701,9 @@ def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = settings(argv)
     if args.headline:
-        md = headline([_read_json(os.path.join(d, "results.json")) for d in args.headline])
+        summaries = [_read_json(os.path.join(d, "results.json")) for d in args.headline]
+        md = "\n\n".join([headline(summaries)] + [f"{sm['task']}:\n\n{arm_table(sm)}\n\n{comparison_table(sm)}"
+                                                   for sm in summaries])  # fmt: skip
         print(md)
         return {"headline": md}
     if args.task == "all":
@@ -811,7 +813,9 @@ def rouge_section(rouge: dict, sets, rouge_type: str = "rougeL", n_boot: int = 2
         return row
 
     if "teacher" in rouge:
-        lines.append("| teacher | – | " + " | ".join(cells([rouge["teacher"]])) + " |")
+        row = cells([rouge["teacher"]])
+        summary["teacher"] = {"cells": dict(zip([*sets, "all", "sampled"], row, strict=True))}
+        lines.append("| teacher | – | " + " | ".join(row) + " |")
     for arm in [a for a in ARMS if a in rouge]:
         seeds = sorted(rouge[arm])
         row = cells([rouge[arm][s] for s in seeds])
@@ -894,6 +898,67 @@ def headline(summaries: list[dict]) -> str:
         cells = [c for sm in summaries for c in cell(sm, x, y)]
         if any(c != "not run" for c in cells):
             lines.append(f"| {x} − {y} ({question}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+REFERENCE_ROWS = {"teacher": "teacher", "activation": "activation cut, untrained", "task": "task cut, untrained",
+                  "random": "random cut, untrained", "fresh": "fresh init, untrained"}  # fmt: skip
+
+
+def arm_table(summary: dict) -> str:
+    """A task's README table from its `results.json` summary: references, then every arm with its seeds, dev NLL
+    (mean ± sd over seeds), token accuracy, gap closed, and greedy ROUGE per measured set + sampled (ROUGE-L; on
+    DialogSum ROUGE-1 / 2 / L)."""
+    import statistics
+
+    by_type = summary.get("rouge_by_type") or {}
+    types = [t for t in ("rouge1", "rouge2", "rougeL") if (by_type.get(t) or {}).get("arms")]
+    cells_of = {t: [by_type[t].get("teacher", {}), *by_type[t]["arms"].values()] for t in types}
+    sets = list(dict.fromkeys(k for t in types for r in cells_of[t] for k in r.get("cells", {})
+                              if k not in ("all", "sampled")))  # fmt: skip
+
+    def rouge_cells(name):
+        if not types:
+            return []
+        found = [((by_type[t].get("teacher") if name == "teacher" else by_type[t]["arms"].get(name)) or {}).get("cells", {})
+                 for t in types]  # fmt: skip
+        return [" / ".join(c.get(key, "–") for c in found) if any(key in c for c in found) else ""
+                for key in [*sets, "sampled"]]  # fmt: skip
+
+    rouge_head = [f"greedy {st}" for st in sets] + (["sampled"] if types else [])
+    label = " / ".join({"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L"}[t] for t in types)
+    head = ["arm", "seeds", "dev NLL / token", "token acc %", "gap closed"] + [f"{h} {label}" for h in rouge_head]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, text in REFERENCE_ROWS.items():
+        ref = summary.get("references", {}).get(name)
+        if ref:
+            cells = rouge_cells(name) if name == "teacher" else [""] * len(rouge_head)
+            row = [text, "–", f"{ref['nll']:.4f}", f"{ref['accuracy']:.2f}", "–", *cells]
+            lines.append("| " + " | ".join(row) + " |")
+    for arm in [a for a in ARMS if a in summary["arms"]]:
+        r = summary["arms"][arm]
+        sd = f" ± {statistics.stdev(r['nll']):.4f}" if len(r["nll"]) > 1 else ""
+        gap = "–" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
+        row = [f"{arm} ({ARMS[arm][0]} init, {ARMS[arm][1]})", ",".join(map(str, r["seeds"])),
+               f"{statistics.mean(r['nll']):.4f}{sd}", f"{statistics.mean(r['accuracy']):.2f}", gap, *rouge_cells(arm)]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(summary: dict) -> str:
+    """A task's README table of paired differences from its `results.json` summary: per comparison, the pooled
+    dev-NLL difference (interval over examples), the seed-level interval, the per-seed differences, token accuracy,
+    and the greedy / sampled ROUGE-L differences (over the items of the sets both arms were measured on)."""
+    rouge = {(c["x"], c["y"]): c for c in (summary.get("rouge") or {}).get("comparisons", [])}
+    head = ["x − y", "question", "Δ dev NLL pooled [examples]", "seed-level", "per seed", "Δ token acc",
+            "Δ greedy ROUGE-L", "Δ sampled ROUGE-L"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for c in summary["comparisons"]:
+        nll, r = c["nll"]["pooled"], rouge.get((c["x"], c["y"]), {})
+        per_seed = ", ".join(f"{v:+.3f}" for v in nll["per_seed"]) if len(c["seeds"]) > 1 else f"seed {c['seeds'][0]}"
+        row = [f"{c['x']} − {c['y']}", c["question"], _fmt_ci(nll, 4), _fmt_seed_ci(nll, 4), per_seed,
+               _fmt_ci(c["accuracy"]["pooled"], 2), *(_fmt_ci(r[d], 2) if d in r else "–" for d in ("greedy", "sampled"))]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -241,7 +241,10 @@ def _parser() -> argparse.ArgumentParser:
                    "set); the default of the tiny and gpu profiles")  # fmt: skip
     p.add_argument("--aggregate_only", action="store_true")
     p.add_argument("--headline", nargs="+", metavar="OUTPUT_DIR", default=None,
-                   help="print the headline table of these output directories' results.json (one per task) and exit")  # fmt: skip
+                   help="print the README's tables (headline, per task: arms, paired differences) from these "
+                   "output directories' results.json (one per task) and exit")  # fmt: skip
+    p.add_argument("--write_readme", default=None, metavar="PATH",
+                   help="with --headline: refill the <!-- quality2:NAME --> ... <!-- /quality2:NAME --> spans of PATH")  # fmt: skip
     p.add_argument("--prepare_only", action="store_true",
                    help="stop after the shared parts (scoring, cuts, cache): then arms can run in parallel processes")  # fmt: skip
     return p
@@ -701,11 +704,16 @@ def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = settings(argv)
     if args.headline:
-        summaries = [_read_json(os.path.join(d, "results.json")) for d in args.headline]
-        md = "\n\n".join([headline(summaries)] + [f"{sm['task']}:\n\n{arm_table(sm)}\n\n{comparison_table(sm)}"
-                                                   for sm in summaries])  # fmt: skip
-        print(md)
-        return {"headline": md}
+        blocks = generated_blocks([_read_json(os.path.join(d, "results.json")) for d in args.headline])
+        if args.write_readme:
+            with open(args.write_readme) as f:
+                text, filled = fill_markers(f.read(), blocks)
+            with open(args.write_readme, "w") as f:
+                f.write(text)
+            print(f"{args.write_readme}: refilled {', '.join(filled) or 'nothing (no quality2 markers)'}")
+        else:
+            print("\n\n".join(f"<!-- quality2:{name} -->\n{body}" for name, body in blocks.items()))
+        return blocks
     if args.task == "all":
         if any(a.split("=")[0] in ("--output_dir", "--work_dir") for a in argv):
             raise SystemExit("--task all uses each task's default --output_dir and --work_dir: run one task at a time "
@@ -960,6 +968,31 @@ def comparison_table(summary: dict) -> str:
                _fmt_ci(c["accuracy"]["pooled"], 2), *(_fmt_ci(r[d], 2) if d in r else "–" for d in ("greedy", "sampled"))]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def generated_blocks(summaries: list[dict]) -> dict[str, str]:
+    """The README's generated tables, by marker name: `headline`, `<task>-arms`, `<task>-diffs`."""
+    blocks = {"headline": headline(summaries)}
+    for sm in summaries:
+        blocks[f"{sm['task']}-arms"] = arm_table(sm)
+        blocks[f"{sm['task']}-diffs"] = comparison_table(sm)
+    return blocks
+
+
+def fill_markers(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
+    """`text` with every `<!-- quality2:NAME -->` ... `<!-- /quality2:NAME -->` span refilled from `blocks`, and the
+    names filled. A start marker without its end marker is an error (nothing would be written)."""
+    filled = []
+    for name, body in blocks.items():
+        start, end = f"<!-- quality2:{name} -->", f"<!-- /quality2:{name} -->"
+        if start not in text:
+            continue
+        before, rest = text.split(start, 1)
+        if end not in rest:
+            raise ValueError(f"{start} has no {end} after it")
+        text = f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+        filled.append(name)
+    return text, filled
 
 
 def aggregate(args) -> dict:

@@ -223,3 +223,15 @@ def test_headline_table_reads_results_of_each_task(quality2):
     assert md[2] == ("| C − A (ours vs Minitron-style) | +0.250 [+0.200, +0.300] * (3 seeds); seeds [+0.190, +0.310] * "
                      "| -1.50 [-3.00, -0.25] * | +0.200 [+0.100, +0.300] * (1 seed) | not run |")  # fmt: skip
     assert md[3].startswith("| C − D (units vs projector) | not run | not run | -0.050 [-0.060, -0.040] * (1 seed)")
+
+
+def test_fill_markers_refills_only_marked_spans(quality2):
+    text = "intro\n<!-- quality2:headline -->\nold\n<!-- /quality2:headline -->\nkept\n"
+    out, filled = quality2.fill_markers(text, {"headline": "| new |", "dolly-arms": "| arms |"})
+    assert (
+        filled == ["headline"]
+        and out == "intro\n<!-- quality2:headline -->\n| new |\n<!-- /quality2:headline -->\nkept\n"
+    )
+    assert quality2.fill_markers(out, {"headline": "| new |"})[0] == out  # idempotent
+    with pytest.raises(ValueError, match="has no <!-- /quality2:headline -->"):
+        quality2.fill_markers("<!-- quality2:headline -->\nold\n", {"headline": "x"})

@@ -909,6 +909,7 @@ def headline(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ARM_LABELS = {"A": "Minitron-style anchor", "C": "ours", "D": "paper's projector"}
 REFERENCE_ROWS = {"teacher": "teacher", "activation": "activation cut, untrained", "task": "task cut, untrained",
                   "random": "random cut, untrained", "fresh": "fresh init, untrained"}  # fmt: skip
 
@@ -947,7 +948,8 @@ def arm_table(summary: dict) -> str:
         r = summary["arms"][arm]
         sd = f" ± {statistics.stdev(r['nll']):.4f}" if len(r["nll"]) > 1 else ""
         gap = "–" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.1f}%"
-        row = [f"{arm} ({ARMS[arm][0]} init, {ARMS[arm][1]})", ",".join(map(str, r["seeds"])),
+        name = f"{arm} ({ARM_LABELS[arm] + ': ' if arm in ARM_LABELS else ''}{ARMS[arm][0]} init, {ARMS[arm][1]})"
+        row = [f"**{name}**" if arm in ARM_LABELS else name, ",".join(map(str, r["seeds"])),
                f"{statistics.mean(r['nll']):.4f}{sd}", f"{statistics.mean(r['accuracy']):.2f}", gap, *rouge_cells(arm)]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

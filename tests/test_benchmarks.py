@@ -143,7 +143,10 @@ def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
     assert [(c["x"], c["y"]) for c in summary["comparisons"]] == [("C", "A")]
     assert summary["missing"] == ["B/seed0"]
     table = quality2.arm_table(summary).splitlines()  # the README's per-task table, from the same summary
-    assert table[2].startswith("| teacher | – | 1.0000 |") and "| C (task init, kd_units) | 0 | 1.7000 |" in table[-1]
+    assert (
+        table[2].startswith("| teacher | – | 1.0000 |")
+        and "| **C (ours: task init, kd_units)** | 0 | 1.7000 |" in table[-1]
+    )
     assert table[-1].endswith("| 65.0% |")  # no ROUGE measured: no ROUGE columns
     (row,) = quality2.comparison_table(summary).splitlines()[2:]
     assert row.startswith("| C − A | our method vs the Minitron-style anchor | -0.3000 [") and "| – | seed 0 |" in row

@@ -62,6 +62,15 @@ ARMS = {
     "fresh_units": ("fresh", "kd_units"),
     "fresh_projector": ("fresh", "kd_projector"),
 }
+# init -> how it is cut: (residual criterion, aggregation, MLP criterion; None = the residual's), from the settings
+CUTS = {
+    "activation": lambda a: ("activation", "sum", None),
+    "random": lambda a: ("random", "sum", None),
+    "task": lambda a: (a.task_criterion, a.task_aggregation, None),
+    # the two halves of the cut swapped (untrained references, `--references`): which half costs the task cut its start?
+    "task_res": lambda a: (a.task_criterion, a.task_aggregation, "activation"),  # task units, Minitron's MLP
+    "act_res": lambda a: ("activation", "sum", a.task_criterion),  # Minitron's units, task MLP
+}
 INSTRUCTION_SETS = ("dolly", "self_inst", "vicuna", "sinst", "unni_slice")  # the protocol's five test sets
 DEFAULT_ORDER = ["A", "B", "C", "D", "G", "E", "F", "fresh_kd", "fresh_units", "fresh_projector"]
 # the design's seeded arms: every training seed (>= 3); every other arm answers its question at the first seed
@@ -243,6 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--headline", nargs="+", metavar="OUTPUT_DIR", default=None,
                    help="print the README's tables (headline, per task: arms, paired differences) from these "
                    "output directories' results.json (one per task) and exit")  # fmt: skip
+    p.add_argument("--references", nargs="+", choices=["teacher", *CUTS, "fresh"], default=None,
+                   help="evaluate these untrained inits (and/or the teacher) on dev and exit, no training")  # fmt: skip
+    p.add_argument("--cut_report", action="store_true",
+                   help="how the saved cuts differ (energy kept, outlier units, overlap): <output_dir>/cuts.md, seconds")  # fmt: skip
     p.add_argument("--write_readme", default=None, metavar="PATH",
                    help="with --headline: refill the <!-- quality2:NAME --> ... <!-- /quality2:NAME --> spans of PATH")  # fmt: skip
     p.add_argument("--prepare_only", action="store_true",
@@ -440,23 +453,23 @@ class Bench:
         return os.path.join(self.args.work_dir, "students", init)
 
     def prune(self, init: str) -> str:
-        """The pruned student `init` (activation / task / random) saved with `save_pruned`; its directory."""
+        """The pruned student `init` (a `CUTS` name) saved with `save_pruned`; its directory."""
         from hf_taskdistill.pruning import prune_teacher, save_pruned
 
         out = self.student_dir(init)
         if os.path.isfile(os.path.join(out, "config.json")):
             return out
         a = self.args
-        criterion, aggregation = {"activation": ("activation", "sum"), "random": ("random", "sum"),
-                                  "task": (a.task_criterion, a.task_aggregation)}[init]  # fmt: skip
+        criterion, aggregation, mlp_criterion = CUTS[init](a)
         stats = self.statistics()
         t0 = time.perf_counter()
         result = prune_teacher(self.teacher, None, a.hidden_size, a.intermediate_size, a.num_layers,
                                criterion=criterion, aggregation=aggregation, norm_rescale=a.norm_rescale, seed=0,
-                               stats=stats, teacher_reference=a.teacher)  # fmt: skip
+                               stats=stats, teacher_reference=a.teacher, mlp_criterion=mlp_criterion)  # fmt: skip
         save_pruned(result, out, tokenizer=self.tokenizer)
         self._timed(f"prune_{init}", time.perf_counter() - t0)
-        harness.log(f"pruned {init} ({criterion}/{aggregation}): {result.num_parameters / 1e6:.1f}M parameters")
+        mlp = f", MLP {mlp_criterion}" if mlp_criterion else ""
+        harness.log(f"pruned {init} ({criterion}/{aggregation}{mlp}): {result.num_parameters / 1e6:.1f}M parameters")
         return out
 
     def fresh_dir(self, seed: int) -> str:
@@ -703,6 +716,8 @@ def check_resume(args) -> None:
 def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = settings(argv)
+    if args.cut_report:
+        return run_cut_report(args)
     if args.headline:
         blocks = generated_blocks([_read_json(os.path.join(d, "results.json")) for d in args.headline])
         if args.write_readme:
@@ -734,6 +749,10 @@ def run(argv=None) -> dict:
     bench.cache()
     if args.prepare_only:
         return {}
+    if args.references:  # untrained cuts (and the teacher) only, no training
+        for name in args.references:
+            bench.eval_reference(name)
+        return aggregate(args)
     if args.rouge_eval:  # the ROUGE pass alone, over the saved students
         bench.rouge_pass()
         return aggregate(args)
@@ -742,7 +761,7 @@ def run(argv=None) -> dict:
     if args.eval_inits or args.full:
         # the teacher, then the untrained init of every arm asked for (the start points of "gap closed")
         inits = {ARMS[arm][0] for arm in args.arms}
-        for name in ["teacher"] + [n for n in ("activation", "task", "random", "fresh") if n in inits]:
+        for name in ["teacher"] + [n for n in (*CUTS, "fresh") if n in inits]:
             bench.eval_reference(name)
     if args.rouge_items_pass:  # a --full run ends with the ROUGE pass over every student it trained
         args.rouge_eval = args.rouge_items_pass
@@ -909,9 +928,74 @@ def headline(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cut_report(act_sq, mlp_act, cuts: dict[str, dict], reference: str = "activation", outliers: int = 10) -> dict:
+    """How the cuts differ, from the scoring pass's statistics (pure): per cut, the share of the residual stream's
+    energy its K units carry (sum of h^2 at the 2L+1 norm inputs, averaged over the inputs), how many of the
+    `outliers` highest-energy units it keeps, the share of MLP activation (L2 over examples) its neurons carry
+    (averaged over layers), and its overlap with the `reference` cut (residual units; MLP neurons, mean over layers).
+
+    `act_sq`: (P, d); `mlp_act`: (L, m); `cuts[name]`: {"residual": [K indices], "mlp": [[M indices] per layer]}.
+    """
+    import torch
+
+    act_sq, mlp_act = torch.as_tensor(act_sq, dtype=torch.float64), torch.as_tensor(mlp_act, dtype=torch.float64)
+    top = set(act_sq.sum(0).topk(outliers).indices.tolist())
+    ref = cuts.get(reference)
+    out = {}
+    for name, cut in cuts.items():
+        res, mlp = cut["residual"], cut["mlp"]
+        row = {
+            "residual_energy": float((act_sq[:, res].sum(1) / act_sq.sum(1)).mean()),
+            "outliers_kept": len(top & set(res)),
+            "mlp_energy": float(
+                torch.stack([mlp_act[i, m].sum() / mlp_act[i].sum() for i, m in enumerate(mlp)]).mean()
+            ),
+        }
+        if ref is not None:
+            row["residual_overlap"] = len(set(res) & set(ref["residual"])) / len(res)
+            row["mlp_overlap"] = sum(
+                len(set(m) & set(r)) / len(m) for m, r in zip(mlp, ref["mlp"], strict=True)
+            ) / len(mlp)
+        out[name] = row
+    return out
+
+
+def run_cut_report(args) -> dict:
+    """`--cut_report`: `cut_report` over the saved cuts of `--work_dir`, written to `<output_dir>/cuts.{json,md}`."""
+    import torch
+
+    stats = torch.load(os.path.join(args.work_dir, "scoring_stats.pt"), weights_only=False)
+    cuts = {}
+    for init in CUTS:
+        path = os.path.join(args.work_dir, "students", init, "config.json")
+        if os.path.isfile(path):
+            rec = _read_json(path)["task_distill"]["init"]
+            cuts[init] = {"residual": rec["residual_indices"], "mlp": rec["mlp_indices"]}
+    report = cut_report(stats.act_sq, stats.mlp_act_l2, cuts)
+    head = [
+        "cut",
+        "residual energy kept",
+        "top-10 energy units kept",
+        "MLP activation kept",
+        "units shared with activation cut",
+        "MLP neurons shared",
+    ]
+    title = (f"Cuts of {args.task}: K = {args.hidden_size} of {stats.act_sq.shape[1]} residual units, M = "
+             f"{args.intermediate_size} of {stats.mlp_act_l2.shape[1]} MLP neurons; statistics of the scoring pass "
+             f"({stats.num_samples} examples).")  # fmt: skip
+    lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, r in report.items():
+        lines.append(f"| {name} | {100 * r['residual_energy']:.1f}% | {r['outliers_kept']} | {100 * r['mlp_energy']:.1f}% | "
+                     f"{100 * r.get('residual_overlap', float('nan')):.1f}% | {100 * r.get('mlp_overlap', float('nan')):.1f}% |")  # fmt: skip
+    harness.write_results(args.output_dir, "cuts", report, "\n".join(lines))
+    print("\n".join(lines))
+    return report
+
+
 ARM_LABELS = {"A": "Minitron-style anchor", "C": "ours", "D": "paper's projector"}
 REFERENCE_ROWS = {"teacher": "teacher", "activation": "activation cut, untrained", "task": "task cut, untrained",
-                  "random": "random cut, untrained", "fresh": "fresh init, untrained"}  # fmt: skip
+                  "random": "random cut, untrained", "task_res": "task units + activation MLP, untrained",
+                  "act_res": "activation units + task MLP, untrained", "fresh": "fresh init, untrained"}  # fmt: skip
 
 
 def arm_table(summary: dict) -> str:

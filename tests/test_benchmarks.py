@@ -238,3 +238,17 @@ def test_fill_markers_refills_only_marked_spans(quality2):
     assert quality2.fill_markers(out, {"headline": "| new |"})[0] == out  # idempotent
     with pytest.raises(ValueError, match="has no <!-- /quality2:headline -->"):
         quality2.fill_markers("<!-- quality2:headline -->\nold\n", {"headline": "x"})
+
+
+def test_cut_report_energy_outliers_and_overlap(quality2):
+    act_sq = [[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]]  # 2 norm inputs x 4 residual units
+    mlp_act = [[1.0, 1.0, 1.0, 5.0]]  # 1 layer x 4 neurons
+    cuts = {"activation": {"residual": [0, 1], "mlp": [[3, 0]]}, "task": {"residual": [1, 2], "mlp": [[0, 1]]}}
+    r = quality2.cut_report(act_sq, mlp_act, cuts, outliers=1)
+    assert r["activation"]["residual_energy"] == pytest.approx(0.7) and r["task"]["residual_energy"] == pytest.approx(
+        0.5
+    )
+    assert r["activation"]["outliers_kept"] == 1 and r["task"]["outliers_kept"] == 0  # unit 0 carries the most
+    assert r["activation"]["mlp_energy"] == pytest.approx(0.75) and r["task"]["mlp_energy"] == pytest.approx(0.25)
+    assert r["task"]["residual_overlap"] == 0.5 and r["task"]["mlp_overlap"] == 0.5
+    assert r["activation"]["residual_overlap"] == 1.0

@@ -972,21 +972,19 @@ def run_cut_report(args) -> dict:
             rec = _read_json(path)["task_distill"]["init"]
             cuts[init] = {"residual": rec["residual_indices"], "mlp": rec["mlp_indices"]}
     report = cut_report(stats.act_sq, stats.mlp_act_l2, cuts)
-    head = [
-        "cut",
-        "residual energy kept",
-        "top-10 energy units kept",
-        "MLP activation kept",
-        "units shared with activation cut",
-        "MLP neurons shared",
-    ]
+    refs = _load_references(args.output_dir)  # the untrained dev NLL where `--references` / `--eval_inits` ran
+    for name, row in report.items():
+        row["untrained_dev_nll"] = refs.get(name, {}).get("dev_summary", {}).get("nll")
+    head = ["cut", "residual energy kept", "top-10 energy units kept", "MLP activation kept",
+            "units shared with activation cut", "MLP neurons shared", "untrained dev NLL"]  # fmt: skip
     title = (f"Cuts of {args.task}: K = {args.hidden_size} of {stats.act_sq.shape[1]} residual units, M = "
              f"{args.intermediate_size} of {stats.mlp_act_l2.shape[1]} MLP neurons; statistics of the scoring pass "
              f"({stats.num_samples} examples).")  # fmt: skip
     lines = [title, "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in report.items():
+        nll = "–" if r["untrained_dev_nll"] is None else f"{r['untrained_dev_nll']:.4f}"
         lines.append(f"| {name} | {100 * r['residual_energy']:.1f}% | {r['outliers_kept']} | {100 * r['mlp_energy']:.1f}% | "
-                     f"{100 * r.get('residual_overlap', float('nan')):.1f}% | {100 * r.get('mlp_overlap', float('nan')):.1f}% |")  # fmt: skip
+                     f"{100 * r.get('residual_overlap', float('nan')):.1f}% | {100 * r.get('mlp_overlap', float('nan')):.1f}% | {nll} |")  # fmt: skip
     harness.write_results(args.output_dir, "cuts", report, "\n".join(lines))
     print("\n".join(lines))
     return report

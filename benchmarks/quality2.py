@@ -719,7 +719,12 @@ def run(argv=None) -> dict:
     if args.cut_report:
         return run_cut_report(args)
     if args.headline:
-        blocks = generated_blocks([_read_json(os.path.join(d, "results.json")) for d in args.headline])
+        summaries = [_read_json(os.path.join(d, "results.json")) for d in args.headline]
+        blocks = generated_blocks(summaries)
+        for d, sm in zip(args.headline, summaries, strict=True):  # the `--cut_report` table, where it ran
+            if os.path.isfile(os.path.join(d, "cuts.md")):
+                with open(os.path.join(d, "cuts.md")) as f:
+                    blocks[f"{sm['task']}-cuts"] = f.read().rstrip()
         if args.write_readme:
             with open(args.write_readme) as f:
                 text, filled = fill_markers(f.read(), blocks)
@@ -1055,7 +1060,8 @@ def comparison_table(summary: dict) -> str:
 
 
 def generated_blocks(summaries: list[dict]) -> dict[str, str]:
-    """The README's generated tables, by marker name: `headline`, `<task>-arms`, `<task>-diffs`."""
+    """The README's generated tables, by marker name: `headline`, `<task>-arms`, `<task>-diffs` (`--headline` adds
+    `<task>-cuts`, the `--cut_report` table, where it ran)."""
     blocks = {"headline": headline(summaries)}
     for sm in summaries:
         blocks[f"{sm['task']}-arms"] = arm_table(sm)

@@ -829,6 +829,9 @@ def rouge_section(rouge: dict, sets, rouge_type: str = "rougeL", n_boot: int = 2
 
     if not rouge:
         return [], {}
+    records = [rouge["teacher"]] if "teacher" in rouge else []
+    records += [r for arm in ARMS for r in rouge.get(arm, {}).values()]
+    sets = [st for st in sets if any(st in r["sets"] for r in records)]  # the sets some model was measured on
     lines = ["", (f"Greedy {rouge_type} (x 100) on the first items of each test set (`--rouge_eval`), mean over "
                   "training seeds; `sampled`: temperature-1 sampling, mean over generation seeds and sets."), "",
              "| model | seeds | " + " | ".join(sets) + " | all sets | sampled |", "|---" * (len(sets) + 4) + "|"]  # fmt: skip
@@ -1010,8 +1013,9 @@ def arm_table(summary: dict) -> str:
     by_type = summary.get("rouge_by_type") or {}
     types = [t for t in ("rouge1", "rouge2", "rougeL") if (by_type.get(t) or {}).get("arms")]
     cells_of = {t: [by_type[t].get("teacher", {}), *by_type[t]["arms"].values()] for t in types}
-    sets = list(dict.fromkeys(k for t in types for r in cells_of[t] for k in r.get("cells", {})
-                              if k not in ("all", "sampled")))  # fmt: skip
+    sets = {k for t in types for r in cells_of[t] for k in r.get("cells", {}) if k not in ("all", "sampled")}
+    order = [*INSTRUCTION_SETS, "dialogsum"]
+    sets = sorted(sets, key=lambda st: (order.index(st) if st in order else len(order), st))
 
     def rouge_cells(name):
         if not types:

@@ -78,6 +78,14 @@ def quality2():
     return module
 
 
+@pytest.fixture(scope="module")
+def tables(quality2):
+    """benchmarks/quality2_tables.py (the design's arms and every table), importable once quality2 is loaded."""
+    import quality2_tables
+
+    return quality2_tables
+
+
 def _run(arm, seed, nll, correct, tokens, rouge=None):
     summary = {"nll": sum(nll) / sum(tokens), "accuracy": 100 * sum(correct) / sum(tokens)}
     return {"arm": arm, "seed": seed, "train_seconds": 1.0, "eval_seconds": 1.0, "dev_summary": summary,
@@ -86,49 +94,49 @@ def _run(arm, seed, nll, correct, tokens, rouge=None):
                                                  "mean": {"rougeL": sum(rouge) / len(rouge)}}}  # fmt: skip
 
 
-def test_paired_difference_is_per_token_and_paired(quality2):
+def test_paired_difference_is_per_token_and_paired(tables):
     tokens = [10, 20, 30, 40]
     y = [5.0, 9.0, 20.0, 8.0]
     x = [v - 0.1 * t for v, t in zip(y, tokens, strict=True)]  # x better by exactly 0.1 nats on every token
-    r = quality2.paired_difference(x, y, tokens, n_boot=500)
+    r = tables.paired_difference(x, y, tokens, n_boot=500)
     assert r["diff"] == pytest.approx(-0.1) and r["ci95"] == pytest.approx([-0.1, -0.1])
     assert r["excludes_zero"] and r["n_examples"] == 4 and r["n_seeds"] == 1
     # the examples differ a lot from each other, but pairing removes that: a noisy unpaired gap would not
-    noisy = quality2.paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1, 1, 1, 1], n_boot=500)
+    noisy = tables.paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [1, 1, 1, 1], n_boot=500)
     assert noisy["diff"] == pytest.approx(0.0) and not noisy["excludes_zero"]
     assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
     # two seeds: the mean of the per-seed differences; one resampling of the examples for both seeds
-    pooled = quality2.paired_difference([x, y], [y, y], tokens, n_boot=500)
+    pooled = tables.paired_difference([x, y], [y, y], tokens, n_boot=500)
     assert pooled["per_seed"] == pytest.approx([-0.1, 0.0]) and pooled["diff"] == pytest.approx(-0.05)
     assert pooled["ci95"] == pytest.approx([-0.05, -0.05])
     # ... while the seed-level t interval counts the seed-to-seed spread: -0.05 +- 12.706 * 0.0707 / sqrt(2)
     assert pooled["seed_ci95"] == pytest.approx([-0.05 - 0.6353, -0.05 + 0.6353], abs=1e-3)
     assert r["seed_ci95"] is None
-    assert quality2.harness.seed_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5])
+    assert tables.harness.seed_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5])
     with pytest.raises(ValueError, match="equal shapes"):
-        quality2.paired_difference(x, y[:3], tokens)
-    assert quality2.per_token([1.0, 3.0], [2, 2]) == 1.0
-    assert quality2.gap_closed(start=9.0, arm=5.0, teacher=1.0) == 0.5 and quality2.gap_closed(2.0, 1.0, 2.0) is None
+        tables.paired_difference(x, y[:3], tokens)
+    assert tables.per_token([1.0, 3.0], [2, 2]) == 1.0
+    assert tables.gap_closed(start=9.0, arm=5.0, teacher=1.0) == 0.5 and tables.gap_closed(2.0, 1.0, 2.0) is None
 
 
-def test_compare_runs_pairs_shared_seeds_and_refuses_unpaired(quality2):
+def test_compare_runs_pairs_shared_seeds_and_refuses_unpaired(tables):
     tokens = [4, 4, 2]
     runs = {
         "A": {0: _run("A", 0, [4.0, 4.0, 2.0], [1, 1, 0], tokens, rouge=[10.0, 20.0, 30.0]),
               1: _run("A", 1, [4.0, 4.0, 2.0], [1, 1, 0], tokens, rouge=[10.0, 20.0, 30.0])},
         "C": {0: _run("C", 0, [2.0, 2.0, 1.0], [2, 2, 1], tokens, rouge=[12.0, 22.0, 32.0])},
     }  # fmt: skip
-    (row,) = quality2.compare_runs(runs)  # only C - A has both arms, on seed 0 only
+    (row,) = tables.compare_runs(runs)  # only C - A has both arms, on seed 0 only
     assert row["x"] == "C" and row["y"] == "A" and row["seeds"] == [0]
     assert row["nll"]["pooled"]["diff"] == pytest.approx(-0.5)  # 5 nats fewer over 10 tokens
     assert row["accuracy"]["pooled"]["diff"] == pytest.approx(30.0)  # 3 more correct of 10, in points
     assert row["rougeL"]["pooled"]["diff"] == pytest.approx(2.0)
     runs["C"][0]["dev"]["tokens"] = [4, 4, 3]
     with pytest.raises(ValueError, match="not paired"):
-        quality2.compare_runs(runs)
+        tables.compare_runs(runs)
 
 
-def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
+def test_quality2_aggregate_table_and_resume_guard(quality2, tables, tmp_path):
     out = str(tmp_path / "res")
     args = quality2.settings(["--profile", "tiny", "--output_dir", out, "--arms", "A", "B", "C", "--seeds", "0"])
     tokens = [5, 5]
@@ -137,29 +145,29 @@ def test_quality2_aggregate_table_and_resume_guard(quality2, tmp_path):
     for name, nll in (("teacher", [5.0, 5.0]), ("task", [15.0, 15.0]), ("activation", [15.0, 15.0])):
         _write(os.path.join(out, "reference", f"{name}.json"),
                {"name": name, "eval_seconds": 1.0, **_run(name, 0, nll, [0, 0], tokens)})  # fmt: skip
-    summary = quality2.aggregate(args)
+    summary = tables.aggregate(args)
     assert summary["arms"]["C"]["nll"] == [1.7] and summary["arms"]["C"]["gap_closed"] == pytest.approx(0.65)
     assert summary["arms"]["A"]["gap_closed"] == pytest.approx(0.5)
     assert [(c["x"], c["y"]) for c in summary["comparisons"]] == [("C", "A")]
     assert summary["missing"] == ["B/seed0"]
-    table = quality2.arm_table(summary).splitlines()  # the README's per-task table, from the same summary
+    table = tables.arm_table(summary).splitlines()  # the README's per-task table, from the same summary
     assert (
         table[2].startswith("| teacher | – | 1.0000 |")
         and "| **C (ours: task init, kd_units)** | 0 | 1.7000 |" in table[-1]
     )
     assert table[-1].endswith("| 65.0% |")  # no ROUGE measured: no ROUGE columns
-    (row,) = quality2.comparison_table(summary).splitlines()[2:]
+    (row,) = tables.comparison_table(summary).splitlines()[2:]
     assert row.startswith("| C − A | our method vs the Minitron-style anchor | -0.3000 [") and "| – | seed 0 |" in row
     runs = {"A": {0: {}, 1: {}}, "E": {0: {}}}  # E is a one-seed arm: not missing at seed 1; C is seeded
-    plan = quality2.training_plan(["A", "E"], [0, 1], arms_given=False)  # a default run trains the design...
+    plan = tables.training_plan(["A", "E"], [0, 1], arms_given=False)  # a default run trains the design...
     assert plan == [("A", 0), ("E", 0), ("A", 1)]
-    assert quality2.training_plan(["E"], [0, 1], arms_given=True) == [("E", 0), ("E", 1)]  # ...--arms: every seed
+    assert tables.training_plan(["E"], [0, 1], arms_given=True) == [("E", 0), ("E", 1)]  # ...--arms: every seed
     gpu = quality2.settings(["--profile", "gpu"])  # one command: the design, the references, then the ROUGE pass
     assert gpu.full and gpu.rouge_items_pass == 500 and gpu.rouge_gen_seeds == [10, 20] and len(gpu.rouge_sets) == 5
     assert quality2.settings(["--profile", "cpu"]).rouge_items_pass == 0
     with pytest.raises(SystemExit, match="one task at a time"):
         quality2.run(["--profile", "gpu", "--task", "all", "--output_dir", out])
-    assert quality2.missing_runs(runs, ["A", "C", "E", "F"], [0, 1]) == ["C/seed0", "F/seed0", "C/seed1"]
+    assert tables.missing_runs(runs, ["A", "C", "E", "F"], [0, 1]) == ["C/seed0", "F/seed0", "C/seed1"]
     with open(os.path.join(out, "results.md")) as f:
         md = f.read()
     assert "| C - A | our method vs the Minitron-style anchor | 0 | -0.3000 [" in md and "**Partial**" in md
@@ -176,7 +184,7 @@ def _rouge_record(name, per_set):
         for st, decs in per_set.items()}}  # fmt: skip
 
 
-def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp_path):
+def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tables, tmp_path):
     out = str(tmp_path / "res")
     args = quality2.settings(["--profile", "tiny", "--output_dir", out, "--arms", "A", "C", "--seeds", "0", "1",
                               "--rouge_sets", "dolly", "vicuna"])  # fmt: skip
@@ -187,13 +195,13 @@ def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp
     for seed in (0, 1):
         _write(os.path.join(out, "rouge", f"seed{seed}", "A.json"), _rouge_record(f"seed{seed}/A", a))
     _write(os.path.join(out, "rouge", "seed0", "C.json"), _rouge_record("seed0/C", c))
-    rouge = quality2._load_rouge(out)
+    rouge = tables.load_rouge(out)
     assert set(rouge) == {"teacher", "A", "C"} and sorted(rouge["A"]) == [0, 1]
     # items of both sets in order; sampled = mean over the generation seeds per item
-    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "greedy") == [10.0, 20.0, 30.0, 40.0]
-    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "sampled") == [9.0, 9.0, 6.0, 6.0]
-    assert quality2.rouge_vector(rouge["A"][0], ["dolly", "self_inst"], "greedy") is None  # a set not measured
-    summary = quality2.aggregate(args)["rouge"]
+    assert tables.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "greedy") == [10.0, 20.0, 30.0, 40.0]
+    assert tables.rouge_vector(rouge["A"][0], ["dolly", "vicuna"], "sampled") == [9.0, 9.0, 6.0, 6.0]
+    assert tables.rouge_vector(rouge["A"][0], ["dolly", "self_inst"], "greedy") is None  # a set not measured
+    summary = tables.aggregate(args)["rouge"]
     assert summary["arms"]["A"]["cells"] == {"dolly": "15.00", "vicuna": "35.00", "all": "25.00", "sampled": "7.50"}
     (row,) = summary["comparisons"]  # C - A, on the one seed both have
     assert row["seeds"] == [0] and row["greedy"]["n_examples"] == 4
@@ -203,7 +211,7 @@ def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp
     assert "| C - A | 0 | all | 4 | +1.00 [+1.00, +1.00] * | +1.00 [+1.00, +1.00] * |" in md
     # a set measured for C but not for A: the comparison pools the sets both have
     del rouge["A"][0]["sets"]["vicuna"]
-    _, part = quality2.rouge_section(rouge, ["dolly", "vicuna"], n_boot=200)
+    _, part = tables.rouge_section(rouge, ["dolly", "vicuna"], n_boot=200)
     (row,) = part["comparisons"]
     assert (
         row["sets"] == ["dolly"] and row["greedy"]["n_examples"] == 2 and row["greedy"]["diff"] == pytest.approx(1.0)
@@ -211,7 +219,7 @@ def test_rouge_pass_files_aggregate_paired_over_items_of_every_set(quality2, tmp
     assert "| teacher | – | 15.00 | 35.00 | 25.00 | 7.50 |" in md
 
 
-def test_headline_table_reads_results_of_each_task(quality2):
+def test_headline_table_reads_results_of_each_task(tables):
     def diff(d, lo, hi, seed_ci=None):
         return {"diff": d, "ci95": [lo, hi], "excludes_zero": lo > 0 or hi < 0, "seed_ci95": seed_ci}
 
@@ -221,30 +229,30 @@ def test_headline_table_reads_results_of_each_task(quality2):
     dsum = {"task": "dialogsum", "comparisons": [
         {"x": "C", "y": "A", "seeds": [0], "nll": {"pooled": diff(0.2, 0.1, 0.3)}},
         {"x": "C", "y": "D", "seeds": [0], "nll": {"pooled": diff(-0.05, -0.06, -0.04)}}]}  # fmt: skip
-    md = quality2.headline([dolly, dsum]).splitlines()
+    md = tables.headline([dolly, dsum]).splitlines()
     assert md[0].count("Δ dev NLL") == 2 and len(md) == 4  # header, rule, C - A, C - D (the others: nowhere run)
     assert md[2] == ("| C − A (ours vs Minitron-style) | +0.250 [+0.200, +0.300] * (3 seeds); seeds [+0.190, +0.310] * "
                      "| -1.50 [-3.00, -0.25] * | +0.200 [+0.100, +0.300] * (1 seed) | not run |")  # fmt: skip
     assert md[3].startswith("| C − D (units vs projector) | not run | not run | -0.050 [-0.060, -0.040] * (1 seed)")
 
 
-def test_fill_markers_refills_only_marked_spans(quality2):
+def test_fill_markers_refills_only_marked_spans(tables):
     text = "intro\n<!-- quality2:headline -->\nold\n<!-- /quality2:headline -->\nkept\n"
-    out, filled = quality2.fill_markers(text, {"headline": "| new |", "dolly-arms": "| arms |"})
+    out, filled = tables.fill_markers(text, {"headline": "| new |", "dolly-arms": "| arms |"})
     assert (
         filled == ["headline"]
         and out == "intro\n<!-- quality2:headline -->\n| new |\n<!-- /quality2:headline -->\nkept\n"
     )
-    assert quality2.fill_markers(out, {"headline": "| new |"})[0] == out  # idempotent
+    assert tables.fill_markers(out, {"headline": "| new |"})[0] == out  # idempotent
     with pytest.raises(ValueError, match="has no <!-- /quality2:headline -->"):
-        quality2.fill_markers("<!-- quality2:headline -->\nold\n", {"headline": "x"})
+        tables.fill_markers("<!-- quality2:headline -->\nold\n", {"headline": "x"})
 
 
-def test_cut_report_energy_outliers_and_overlap(quality2):
+def test_cut_report_energy_outliers_and_overlap(tables):
     act_sq = [[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]]  # 2 norm inputs x 4 residual units
     mlp_act = [[1.0, 1.0, 1.0, 5.0]]  # 1 layer x 4 neurons
     cuts = {"activation": {"residual": [0, 1], "mlp": [[3, 0]]}, "task": {"residual": [1, 2], "mlp": [[0, 1]]}}
-    r = quality2.cut_report(act_sq, mlp_act, cuts, outliers=1)
+    r = tables.cut_report(act_sq, mlp_act, cuts, outliers=1)
     assert r["activation"]["residual_energy"] == pytest.approx(0.7) and r["task"]["residual_energy"] == pytest.approx(
         0.5
     )

@@ -20,8 +20,8 @@ the feature loss is the project's correlation loss at the last layer pair. Metri
 completion token and token accuracy on held-out dev examples (per example, so arms are compared *paired*: the same
 examples, a bootstrap over examples; per training seed and pooled over seeds), optionally greedy ROUGE-L on test
 items. Each (task, arm, seed) writes `runs/seed<s>/<arm>.json`; a rerun skips finished parts; `--aggregate_only`
-rebuilds `results.json` / `results.md` from them (the tables: `benchmarks/quality2_tables.py`). Heavy artefacts (scoring statistics, pruned students, the cache)
-live under `local/bench/quality2/` and are reused.
+rebuilds `results.json` / `results.md` from them (the tables: `benchmarks/quality2_tables.py`). Heavy artefacts
+(scoring statistics, pruned students, the cache) live under `local/bench/quality2/` and are reused.
 
     OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile tiny                 # smoke test of --full, ~3 min
     OMP_NUM_THREADS=1 python benchmarks/quality2.py --profile cpu --task dolly     # the CPU design, resumable
@@ -627,21 +627,7 @@ def run(argv=None) -> dict:
     if args.cut_report:
         return run_cut_report(args)
     if args.headline:
-        summaries = [read_json(os.path.join(d, "results.json")) for d in args.headline]
-        blocks = generated_blocks(summaries)
-        for d, sm in zip(args.headline, summaries, strict=True):  # the `--cut_report` table, where it ran
-            if os.path.isfile(os.path.join(d, "cuts.md")):
-                with open(os.path.join(d, "cuts.md")) as f:
-                    blocks[f"{sm['task']}-cuts"] = f.read().rstrip()
-        if args.write_readme:
-            with open(args.write_readme) as f:
-                text, filled = fill_markers(f.read(), blocks)
-            with open(args.write_readme, "w") as f:
-                f.write(text)
-            print(f"{args.write_readme}: refilled {', '.join(filled) or 'nothing (no quality2 markers)'}")
-        else:
-            print("\n\n".join(f"<!-- quality2:{name} -->\n{body}" for name, body in blocks.items()))
-        return blocks
+        return run_headline(args)
     if args.task == "all":
         if any(a.split("=")[0] in ("--output_dir", "--work_dir") for a in argv):
             raise SystemExit("--task all uses each task's default --output_dir and --work_dir: run one task at a time "
@@ -683,8 +669,28 @@ def run(argv=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the cut report (the tables: quality2_tables.py)
+# reports from finished parts (the tables themselves: quality2_tables.py)
 # ----------------------------------------------------------------------------------------------------------------
+def run_headline(args) -> dict[str, str]:
+    """`--headline DIR...`: the README's generated tables from each task's `results.json` (and `cuts.md`, where
+    `--cut_report` ran); printed, or with `--write_readme PATH` refilled into PATH's marked spans."""
+    summaries = [read_json(os.path.join(d, "results.json")) for d in args.headline]
+    blocks = generated_blocks(summaries)
+    for d, sm in zip(args.headline, summaries, strict=True):
+        if os.path.isfile(os.path.join(d, "cuts.md")):
+            with open(os.path.join(d, "cuts.md")) as f:
+                blocks[f"{sm['task']}-cuts"] = f.read().rstrip()
+    if args.write_readme:
+        with open(args.write_readme) as f:
+            text, filled = fill_markers(f.read(), blocks)
+        with open(args.write_readme, "w") as f:
+            f.write(text)
+        print(f"{args.write_readme}: refilled {', '.join(filled) or 'nothing (no quality2 markers)'}")
+    else:
+        print("\n\n".join(f"<!-- quality2:{name} -->\n{body}" for name, body in blocks.items()))
+    return blocks
+
+
 def run_cut_report(args) -> dict:
     """`--cut_report`: `cut_report` over the saved cuts of `--work_dir`, written to `<output_dir>/cuts.{json,md}`."""
     import torch

@@ -63,8 +63,7 @@ def gap_closed(start: float, arm: float, teacher: float) -> float | None:
 def missing_runs(runs: dict, arms, seeds) -> list[str]:
     """The design's (arm, seed) runs not in `runs`, as "arm/seed<s>": the seeded arms (`SEEDED_ARMS`) at every
     seed, the other arms (one-seed questions: E, F, the fresh rows) at the first seed only."""
-    return [f"{arm}/seed{s}" for s in seeds for arm in arms
-            if (arm in SEEDED_ARMS or s == seeds[0]) and s not in runs.get(arm, {})]  # fmt: skip
+    return [f"{arm}/seed{s}" for arm, s in training_plan(arms, seeds, arms_given=False) if s not in runs.get(arm, {})]
 
 
 def training_plan(arms, seeds, arms_given: bool) -> list[tuple[str, int]]:

@@ -55,6 +55,16 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def end_process_group() -> None:
+    """After a command that ran under `accelerate launch`/`torchrun`: wait for every rank, then destroy the process
+    group. A rank that exits with live gloo threads can abort (`terminate called without an active exception`,
+    SIGABRT) after its work is saved, and the launcher then reports the whole run as failed. No-op otherwise."""
+    dist = sys.modules.get("torch.distributed")  # only if the command imported torch: no heavy import here
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `hf-taskdistill <command> ...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -83,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (run with {DEBUG_FLAG} for the traceback)"
         print(f"hf-taskdistill {name}: error: {_one_line(err)}{hint}", file=sys.stderr)
         return status
+    end_process_group()  # on success only: after a failure the other ranks may never reach the barrier
     return int(result or 0)
 
 

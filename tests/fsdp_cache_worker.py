@@ -118,6 +118,8 @@ def main(out_dir: str, per_device: int, train_from: str) -> None:
     from accelerate import PartialState
     from fsdp_worker import enable_fsdp_on_cpu
 
+    from hf_taskdistill.cli import end_process_group
+
     torch.set_num_threads(1)
     enable_fsdp_on_cpu()
     PartialState(cpu=True)  # under the launcher: the gloo process group the cache build takes its rank and world from
@@ -129,6 +131,7 @@ def main(out_dir: str, per_device: int, train_from: str) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     results["world"] = dist.get_world_size() if dist.is_initialized() else 1
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    end_process_group()  # a rank exiting with live gloo threads can abort after its results are written (CI, stop 20)
 
 
 if __name__ == "__main__":

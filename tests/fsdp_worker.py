@@ -185,6 +185,8 @@ def main(out_dir: str, per_device: int, hosts: list[str], variants: list[str]) -
     import torch
     import torch.distributed as dist
 
+    from hf_taskdistill.cli import end_process_group
+
     torch.set_num_threads(1)
     enable_fsdp_on_cpu()
     results = {}
@@ -195,6 +197,7 @@ def main(out_dir: str, per_device: int, hosts: list[str], variants: list[str]) -
     world = dist.get_world_size() if dist.is_initialized() else 1
     results["world"] = world
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    end_process_group()  # a rank exiting with live gloo threads can abort after its results are written
 
 
 if __name__ == "__main__":

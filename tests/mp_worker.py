@@ -46,6 +46,7 @@ def main(out_dir: str, per_device: int) -> None:
     import torch.distributed as dist
 
     from hf_taskdistill import FeatureDistillTrainer, select_task_units
+    from hf_taskdistill.cli import end_process_group
 
     tokenizer, dataset, teacher, student, batches, args = build(8, per_device, out_dir)
     # the trainer initialises the process group (gloo on CPU) from the launcher's environment
@@ -68,9 +69,7 @@ def main(out_dir: str, per_device: int) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
-    if torch.distributed.is_initialized():  # a clean gloo teardown: exiting with live gloo threads can abort a rank
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_group()  # a clean gloo teardown: exiting with live gloo threads can abort a rank
 
 
 if __name__ == "__main__":

@@ -297,6 +297,29 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch, c
         main(["push"])
 
 
+def test_a_launched_command_ends_its_process_group(tmp_path, monkeypatch):
+    """Under a launcher the CLI destroys the process group after a command succeeds (a rank exiting with live gloo
+    threads can abort after its work is saved: CI, stop 20), and leaves it alone after a failure (the other ranks
+    may never reach the barrier)."""
+    import torch.distributed as dist
+
+    import hf_taskdistill.hub
+
+    monkeypatch.setattr(hf_taskdistill.hub, "main", lambda argv: 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        assert main(["push"]) == 0
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous2", rank=0, world_size=1)
+        monkeypatch.setattr(hf_taskdistill.hub, "main", lambda argv: (_ for _ in ()).throw(ValueError("bad value")))
+        assert main(["push"]) == 2
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert main(["push"]) == 2  # no process group: nothing to end
+
+
 def test_demo_reports_progress_through_every_phase(tmp_path, capsys):
     assert main(["demo", "--quick", "--output_dir", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out

@@ -50,6 +50,8 @@ from quality2_tables import (  # (benchmarks/quality2_tables.py: the design's ar
     DEFAULT_ORDER,
     INSTRUCTION_SETS,
     aggregate,
+    budget_comparison,
+    budget_table,
     cut_report,
     fill_markers,
     generated_blocks,
@@ -673,10 +675,19 @@ def run(argv=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 def run_headline(args) -> dict[str, str]:
     """`--headline DIR...`: the README's generated tables from each task's `results.json` (and `cuts.md`, where
-    `--cut_report` ran); printed, or with `--write_readme PATH` refilled into PATH's marked spans."""
-    summaries = [read_json(os.path.join(d, "results.json")) for d in args.headline]
+    `--cut_report` ran); printed, or with `--write_readme PATH` refilled into PATH's marked spans. A second directory
+    of the same task (the same design at another `--steps`) adds that task's budget check, `<task>-budget`."""
+    main_dirs, budget_dirs = {}, {}  # per task: the first directory is the design, a later one its budget check
+    for d in args.headline:
+        task = read_json(os.path.join(d, "results.json"))["task"]
+        (budget_dirs if task in main_dirs else main_dirs).setdefault(task, d)
+    summaries = [read_json(os.path.join(d, "results.json")) for d in main_dirs.values()]
     blocks = generated_blocks(summaries)
-    for d, sm in zip(args.headline, summaries, strict=True):
+    for task, d in budget_dirs.items():
+        short, long = main_dirs[task], d
+        steps = [read_json(os.path.join(x, "settings.json"))["steps"] for x in (short, long)]
+        blocks[f"{task}-budget"] = budget_table(budget_comparison(load_runs(short), load_runs(long)), *steps)
+    for d, sm in zip(main_dirs.values(), summaries, strict=True):
         if os.path.isfile(os.path.join(d, "cuts.md")):
             with open(os.path.join(d, "cuts.md")) as f:
                 blocks[f"{sm['task']}-cuts"] = f.read().rstrip()

@@ -285,6 +285,65 @@ def headline(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _summed_nll(a: dict, b: dict, seeds) -> list[list[float]]:
+    """Per seed, the per-example sum of two runs' dev NLL (runs keyed by seed)."""
+    return [[u + v for u, v in zip(a[s]["dev"]["nll"], b[s]["dev"]["nll"], strict=True)] for s in seeds]
+
+
+def budget_comparison(short: dict, long: dict, n_boot: int = 2000) -> dict:
+    """The same design at two budgets (pure): `short` and `long` are `load_runs` of two output directories that
+    differ only in `--steps` (same cuts, data order and dev). Paired over the dev examples, on the seeds both ran:
+    per arm, its NLL at each budget and the change `long - short` (negative: the longer run is better); per
+    headline comparison x - y, its difference at each budget and the change of the difference,
+    (x_long - y_long) - (x_short - y_short) (negative: the longer budget moves it towards x)."""
+    arms = []
+    for arm in [a for a in ARMS if a in short and a in long]:
+        seeds = sorted(set(short[arm]) & set(long[arm]))
+        if not seeds:
+            continue
+        (row,) = compare_runs({"long": {s: long[arm][s] for s in seeds}, "short": {s: short[arm][s] for s in seeds}},
+                              [("long", "short", arm)], n_boot=n_boot)  # fmt: skip
+        arms.append({"arm": arm, "seeds": seeds, "short": [short[arm][s]["dev_summary"]["nll"] for s in seeds],
+                     "long": [long[arm][s]["dev_summary"]["nll"] for s in seeds], "change": row["nll"]["pooled"]})  # fmt: skip
+    comparisons = []
+    for x, y, question in HEADLINE:
+        seeds = sorted(set.intersection(*(set(r.get(a, {})) for r in (short, long) for a in (x, y))))
+        if not seeds:
+            continue
+        pick = {f"{a}@{b}": {s: runs[a][s] for s in seeds} for a in (x, y) for b, runs in (("s", short), ("l", long))}
+        at = {b: compare_runs(pick, [(f"{x}@{b}", f"{y}@{b}", question)], n_boot=n_boot)[0]["nll"]["pooled"]
+              for b in ("s", "l")}  # fmt: skip
+        tokens = pick[f"{x}@s"][seeds[0]]["dev"]["tokens"]
+        # (x_l - y_l) - (x_s - y_s) = (x_l + y_s) - (y_l + x_s), per example: one paired bootstrap over examples
+        plus = _summed_nll(pick[f"{x}@l"], pick[f"{y}@s"], seeds)
+        minus = _summed_nll(pick[f"{y}@l"], pick[f"{x}@s"], seeds)
+        change = paired_difference(plus, minus, tokens, n_boot=n_boot)
+        comparisons.append({"x": x, "y": y, "question": question, "seeds": seeds, "short": at["s"], "long": at["l"],
+                            "change": change})  # fmt: skip
+    return {"arms": arms, "comparisons": comparisons}
+
+
+def budget_table(budget: dict, short_steps: int, long_steps: int) -> str:
+    """The README's budget check from `budget_comparison`: the arms' dev NLL at both budgets with the paired change,
+    then each headline comparison at both budgets with the change of the difference."""
+    import statistics
+
+    lo, hi = f"{short_steps} steps", f"{long_steps} steps"
+    lines = [f"| arm | seeds | dev NLL, {lo} | dev NLL, {hi} | {hi} − {lo} |", "|---" * 5 + "|"]
+    for r in budget["arms"]:
+        lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {statistics.mean(r['short']):.4f} | "
+                     f"{statistics.mean(r['long']):.4f} | {_fmt_ci(r['change'], 4)} |")  # fmt: skip
+    lines += [
+        "",
+        f"| x − y | seeds | Δ dev NLL, {lo} | Δ dev NLL, {hi} | change of the difference |",
+        "|---" * 5 + "|",
+    ]
+    for c in budget["comparisons"]:
+        lines.append(f"| {c['x']} − {c['y']} ({c['question']}) | {','.join(map(str, c['seeds']))} | "
+                     f"{_fmt_ci(c['short'], 4)} | {_fmt_ci(c['long'], 4)} | {_fmt_ci(c['change'], 4)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def cut_report(act_sq, mlp_act, cuts: dict[str, dict], reference: str = "activation", outliers: int = 10) -> dict:
     """How the cuts differ, from the scoring pass's statistics (pure): per cut, the share of the residual stream's
     energy its K units carry (sum of h^2 at the 2L+1 norm inputs, averaged over the inputs), how many of the

@@ -236,6 +236,34 @@ def test_headline_table_reads_results_of_each_task(tables):
     assert md[3].startswith("| C − D (units vs projector) | not run | not run | -0.050 [-0.060, -0.040] * (1 seed)")
 
 
+def test_budget_check_pairs_the_same_arm_and_comparison_across_budgets(tables):
+    tokens = [4, 4, 2]
+    short = {
+        "A": {0: _run("A", 0, [4.0, 4.0, 2.0], [1, 1, 0], tokens)},
+        "C": {
+            0: _run("C", 0, [6.0, 6.0, 3.0], [1, 1, 0], tokens),
+            1: _run("C", 1, [6.0, 6.0, 3.0], [1, 1, 0], tokens),
+        },
+    }
+    long = {"A": {0: _run("A", 0, [2.0, 2.0, 1.0], [1, 1, 0], tokens)},
+            "C": {0: _run("C", 0, [3.0, 3.0, 1.5], [1, 1, 0], tokens)}, "D": {0: _run("D", 0, [1.0, 1.0, 1.0], [1, 1, 0], tokens)}}  # fmt: skip
+    budget = tables.budget_comparison(short, long, n_boot=200)
+    by_arm = {r["arm"]: r for r in budget["arms"]}
+    assert set(by_arm) == {"A", "C"}  # D ran at one budget only
+    assert by_arm["A"]["change"]["diff"] == pytest.approx(-0.5) and by_arm["A"]["seeds"] == [0]
+    assert by_arm["C"]["change"]["diff"] == pytest.approx(-0.75) and by_arm["C"]["seeds"] == [0]  # seed 1: short only
+    (c,) = budget["comparisons"]  # C - A only: the other headline pairs miss an arm at one budget
+    assert (c["x"], c["y"], c["seeds"]) == ("C", "A", [0])
+    assert c["short"]["diff"] == pytest.approx(0.5) and c["long"]["diff"] == pytest.approx(0.25)
+    assert c["change"]["diff"] == pytest.approx(-0.25) and c["change"]["ci95"] == pytest.approx([-0.25, -0.25])
+    md = tables.budget_table(budget, 250, 500).splitlines()
+    assert md[0] == "| arm | seeds | dev NLL, 250 steps | dev NLL, 500 steps | 500 steps − 250 steps |"
+    assert md[2].startswith("| A | 0 | 1.0000 | 0.5000 | -0.5000 [-0.5000, -0.5000] *")
+    assert md[-1].startswith("| C − A (ours vs Minitron-style) | 0 | +0.5000") and md[-1].endswith(
+        "-0.2500 [-0.2500, -0.2500] * |"
+    )
+
+
 def test_fill_markers_refills_only_marked_spans(tables):
     text = "intro\n<!-- quality2:headline -->\nold\n<!-- /quality2:headline -->\nkept\n"
     out, filled = tables.fill_markers(text, {"headline": "| new |", "dolly-arms": "| arms |"})

@@ -332,11 +332,23 @@ def test_cli_prune_end_to_end(tmp_path, tokenizer, capsys):
     assert f"{n} parameters" in printed
     init = json.loads(pathlib.Path(out / "config.json").read_text())["task_distill"]["init"]
     assert init["criterion"] == "fisher" and init["num_samples"] == 8 and len(init["layers_kept"]) == 2
+    assert init["mlp_criterion"] == "fisher" and "(MLP" not in printed
     assert model.config.hidden_size == 16 and model.config.intermediate_size == 40 and model.config.head_dim == 8
     # reported in one line (status 2) before any weight or data is loaded
     assert main(argv[:-6] + ["--hidden_size", "18", "--output_dir", str(tmp_path / "bad")]) == 2
     assert "Nearest valid sizes: [12, 16, 20, 24]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    # a task-scored stream with activation-scored MLP neurons (and the least-squares norm scales): the same units,
+    # other neurons
+    mixed = tmp_path / "mixed"
+    flags = ["--mlp_criterion", "activation", "--norm_rescale", "lsq", "--output_dir", str(mixed)]
+    assert main([*argv[:-6], *flags, *argv[-4:]]) == 0
+    assert "criterion fisher (MLP activation)" in capsys.readouterr().out
+    mixed_init = json.loads((mixed / "config.json").read_text())["task_distill"]["init"]
+    assert mixed_init["mlp_criterion"] == "activation" and mixed_init["norm_rescale"] == "lsq"
+    assert (
+        mixed_init["residual_indices"] == init["residual_indices"] and mixed_init["mlp_indices"] != init["mlp_indices"]
+    )
 
 
 def test_benchmark_plan_and_table(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from ..pruning import NORM_RESCALES
+from ..unit_scores import AGGREGATIONS, CRITERIA
 from .common import DistillScriptArguments, load_datasets, load_tokenizer
 
 
@@ -31,17 +33,24 @@ class PruneArguments:
     criterion: str | None = field(
         default=None,
         metadata={"help": "Residual / MLP unit score (default: the library's best after recovery).",
-                  "choices": ["grad", "grad_x_act", "fisher", "activation", "hybrid", "random"]},
+                  "choices": list(CRITERIA)},
+    )  # fmt: skip
+    mlp_criterion: str | None = field(
+        default=None,
+        metadata={"help": "MLP neuron score, when it should differ from --criterion (default: the same); e.g. a "
+                  "task-scored stream with `activation` MLP neurons.",
+                  "choices": list(CRITERIA)},
     )  # fmt: skip
     aggregation: str | None = field(
         default=None,
         metadata={"help": "How the per-norm scores are combined over the residual stream.",
-                  "choices": ["sum_normalized", "sum", "max_normalized", "last"]},
+                  "choices": list(AGGREGATIONS)},
     )  # fmt: skip
     norm_rescale: str | None = field(
         default=None,
-        metadata={"help": "rms: rescale each norm weight for the smaller RMS of the kept units; none: raw cut.",
-                  "choices": ["rms", "none"]},
+        metadata={"help": "rms: rescale each norm weight for the smaller RMS of the kept units; lsq: the factor that "
+                  "brings the readers' outputs closest to the teacher's (one more pass); none: raw cut.",
+                  "choices": list(NORM_RESCALES)},
     )  # fmt: skip
     keep_outliers: int = field(default=0, metadata={"help": "Always keep this many units of largest mean square."})
 
@@ -95,16 +104,17 @@ def run(script_args, prune_args, training_args, model_args):
     result = pruning.prune_teacher(
         teacher, batches, prune_args.hidden_size, prune_args.intermediate_size, prune_args.num_layers,
         seed=training_args.selection_seed, keep_outliers=prune_args.keep_outliers, teacher_reference=reference,
-        **options,
+        mlp_criterion=prune_args.mlp_criterion, **options,
     )  # fmt: skip
     teacher_params = sum(p.numel() for p in teacher.parameters())
     if training_args.should_save:
         pruning.save_pruned(result, training_args.output_dir, tokenizer=tokenizer)
     init = result.init
+    mlp = f" (MLP {init['mlp_criterion']})" if init.get("mlp_criterion") not in (None, init["criterion"]) else ""
     print(
         f"Pruned student: hidden {init['hidden_size']}, intermediate {init['intermediate_size']}, "
         f"{init['num_layers']} layers, {result.num_parameters} parameters (teacher {teacher_params}); "
-        f"criterion {init['criterion']}, aggregation {init['aggregation']}, norm_rescale {init['norm_rescale']}, "
+        f"criterion {init['criterion']}{mlp}, aggregation {init['aggregation']}, norm_rescale {init['norm_rescale']}, "
         f"{init['num_samples']} scoring examples; written to {training_args.output_dir}"
     )
     return result

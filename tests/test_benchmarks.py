@@ -288,3 +288,28 @@ def test_cut_report_energy_outliers_and_overlap(tables):
     assert r["activation"]["mlp_energy"] == pytest.approx(0.75) and r["task"]["mlp_energy"] == pytest.approx(0.25)
     assert r["task"]["residual_overlap"] == 0.5 and r["task"]["mlp_overlap"] == 0.5
     assert r["activation"]["residual_overlap"] == 1.0
+
+
+# ----- the speed and memory benchmark's report (benchmarks/speed_memory_report.py) -----
+def test_speed_memory_report_rebuilds_the_committed_cpu_report(tmp_path, monkeypatch):
+    """The committed CPU result's Markdown is what the report module writes from its JSON (the targets, verdicts
+    and tables are derived, not hand-edited); a changed target flips its verdict."""
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("speed_memory", os.path.join(ROOT, "benchmarks", "speed_memory.py"))
+    speed_memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed_memory)  # (puts benchmarks/ on sys.path: the report module imports by name)
+    import speed_memory_report as report
+
+    stored = os.path.join(ROOT, "benchmarks", "results", "speed_memory", "cpu")
+    with open(stored + ".json") as f:
+        results = json.load(f)
+    saved = argparse.Namespace(**{**results["settings"], "output_dir": str(tmp_path)})
+    report.write_report(saved, results, speed_memory.__doc__)
+    with open(stored + ".md") as f:
+        assert (tmp_path / "cpu.md").read_text() == f.read()
+    rows = {r["what"]: r for r in report.summary_rows(results)}
+    row = rows["gkd_off: step time fd / plain TRL"]
+    assert row["verdict"] == "pass" and row["value"] <= report.TARGETS["time"]
+    monkeypatch.setattr(report, "TARGETS", dict(report.TARGETS, time=row["value"] - 0.001))
+    assert report.summary_rows(results)[0]["verdict"].startswith("MISS")

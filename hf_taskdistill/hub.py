@@ -18,18 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .model_card import (
-    PLOT_NAME,
-    REPORT_PLOT_NAME,
-    build_model_card,
-    eval_results_metadata,
-    eval_table_markdown,
-    load_selection_report,
-    missing_card_fields,
-    normalize_eval_results,
-    plot_into,
-    rows_from_model_index,
-)
+from .card_eval import eval_results_metadata, eval_table_markdown, normalize_eval_results, rows_from_model_index
+from .model_card import PLOT_NAME, REPORT_PLOT_NAME, build_model_card, missing_card_fields, plot_into
+from .report import load_selection_report
 from .selection import SIDECAR_NAME, SelectionFormatError, UnitSelection, load_unit_selection
 
 

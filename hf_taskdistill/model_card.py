@@ -7,14 +7,14 @@ strings and never a Python `None`. What the card states comes from the stored se
 plot, drawn by `hf_taskdistill.plots`, whose `load_scores` / `plot_unit_scores` / `plot_into` / `PLOT_NAME` are
 re-exported here) and an optional `selection_report.json` (the keep-k sentence of `hf_taskdistill.report`). Models
 are named through `hf_taskdistill.provenance`: a Hub id is linked with its revision, a local model gets a label that
-is never a link and never a path. ROUGE is the F-measure x 100 everywhere, at two decimals (`ROUGE_LABEL`).
+is never a link and never a path. ROUGE is the F-measure x 100 everywhere, at two decimals (`ROUGE_LABEL`): the
+evaluation section and `model-index` are `hf_taskdistill.card_eval`, the stored report is read by
+`hf_taskdistill.report.load_selection_report` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import textwrap
 from collections.abc import Iterable, Mapping
@@ -23,21 +23,25 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import jinja2
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 
+from .card_eval import (  # noqa: F401 (re-exported: the card's evaluation section and model-index)
+    ROUGE_DECIMALS,
+    ROUGE_LABEL,
+    eval_results_metadata,
+    eval_table_markdown,
+    normalize_eval_results,
+    rows_from_model_index,
+)
 from .data import DATA_FILE_SUFFIXES, data_label
 from .plots import PLOT_NAME, load_scores, plot_into, plot_unit_scores  # noqa: F401 (re-exported)
 from .provenance import FLEX_KD_PAPER, is_hub_id, local_label, model_reference, reference_text
-from .report import report_sentence, sentence_point
-from .selection import CONFIG_KEY, REPORT_NAME, REPORT_PLOT_NAME, UnitSelection, load_unit_selection
+from .report import load_selection_report, selection_report_sentence
+from .selection import CONFIG_KEY, REPORT_PLOT_NAME, UnitSelection, load_unit_selection
 
 
 logger = logging.getLogger(__name__)
 
-# ROUGE everywhere (eval output, card table, model-index) is the F-measure x 100, rounded to two decimals: the scale of
-# `hf-taskdistill eval`, of MiniLLM/DistiLLM, and of transformers' summarization examples (`round(v * 100, 4)`).
-ROUGE_LABEL = "ROUGE-L F1 (x100)"
-ROUGE_DECIMALS = 2
 BASE_TAGS = ["distillation", "trl", "feature-distillation", "hf_taskdistill"]
 _PACKAGES = ("torch", "transformers", "trl", "peft", "huggingface_hub", "hf-taskdistill")
 # Keyword arguments of `transformers.Trainer.create_model_card` that `push_to_hub(**kwargs)` may forward.
@@ -72,10 +76,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _rouge(value: float | None) -> str:
-    return "–" if value is None else f"{value:.{ROUGE_DECIMALS}f}"
 
 
 # ----- references to models and data (never a local path) -----
@@ -158,91 +158,6 @@ def _data_context(data: Mapping[str, Any] | None, dataset_name: Any) -> tuple[st
         if data.get(key):
             details.append(f"{text} `{data[key]}`")
     return ", ".join(links) + (f": {', '.join(details)}" if details else ""), hub
-
-
-# ----- evaluation results: one scale (F-measure x 100), one rounding -----
-def normalize_eval_results(eval_results: Any) -> list[dict[str, Any]]:
-    """Rows `{"dataset", "value", "std", "n"}` of ROUGE-L (F-measure x 100) from the evaluation module's dict, a
-    JSON file or a JSON string.
-
-    Accepts `{set: {"rougeL": {"mean": x, "std": y}, "n": n}}`, `{set: {"rougeL": x}}`, `{set: {"mean": x}}`, a
-    flat `{set: x}`, and any of these under a top-level `"sets"` (as `hf-taskdistill eval` writes) or `"results"`
-    key. Values are taken to be on the x100 scale `hf-taskdistill eval` writes (a fraction such as 0.19 is shown as
-    0.19, not 19). Entries without a finite number are skipped with a warning; a std of None (one seed) stays None.
-    """
-    if eval_results is None:
-        return []
-    if isinstance(eval_results, (str, os.PathLike)):
-        text = str(eval_results)
-        if not text.lstrip().startswith("{"):
-            with open(text) as f:
-                text = f.read()
-        eval_results = json.loads(text)
-    if not isinstance(eval_results, Mapping):
-        raise TypeError(f"eval_results must be a dict or a JSON file of one, got {type(eval_results).__name__}.")
-    for wrapper in ("sets", "results"):  # `hf-taskdistill eval` writes {"protocol": ..., "sets": {...}}
-        if isinstance(eval_results.get(wrapper), Mapping):
-            eval_results = eval_results[wrapper]
-            break
-    rows, skipped = [], []
-    for name, entry in eval_results.items():
-        value, std, n = entry, None, None
-        if isinstance(entry, Mapping):
-            n = entry.get("n", entry.get("num_samples"))
-            key = next((k for k in entry if str(k).lower().replace("-", "").replace("_", "") == "rougel"), None)
-            value = entry[key] if key is not None else entry
-            if isinstance(value, Mapping):
-                value, std = value.get("mean"), value.get("std")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            skipped.append(name)
-            continue
-        std = float(std) if isinstance(std, (int, float)) and not isinstance(std, bool) else None
-        n = int(n) if isinstance(n, int) and not isinstance(n, bool) else None
-        rows.append({"dataset": str(name), "value": float(value), "std": std, "n": n})
-    if skipped:
-        logger.warning("eval_results: no ROUGE-L number for %s; left out of the card.", skipped)
-    return rows
-
-
-def eval_table_markdown(rows: list[dict[str, Any]]) -> str:
-    """The evaluation section's body: one line of protocol and a Markdown table of `normalize_eval_results` rows."""
-    lines = [
-        (
-            f"{ROUGE_LABEL}: ROUGE-L F-measure of generated responses against the references, times 100 (0-100), "
-            "mean over generation seeds with their sample standard deviation (– for a single seed)."
-        ),
-        "",
-        f"| Dataset | {ROUGE_LABEL} | Std | Samples |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['dataset']} | {_rouge(r['value'])} | {_rouge(r['std'])} | "
-                     f"{r['n'] if r['n'] is not None else '–'} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def eval_results_metadata(rows: list[dict[str, Any]]) -> list[EvalResult]:
-    """`model-index` entries (legacy `EvalResult` format) of `normalize_eval_results` rows: metric `rouge` (the
-    evaluate metric id) with `rouge_types: [rougeL]`, value = F-measure x 100 rounded to two decimals."""
-    return [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Text Generation",
-            dataset_type=r["dataset"],
-            dataset_name=r["dataset"],
-            metric_type="rouge",
-            metric_name=ROUGE_LABEL,
-            metric_value=round(r["value"], ROUGE_DECIMALS),
-            metric_args={"rouge_types": ["rougeL"], "use_stemmer": False, "scale": 100},
-        )
-        for r in rows
-    ]
-
-
-def rows_from_model_index(card) -> dict[str, float] | None:
-    """`{dataset: value}` of the ROUGE-L entries of a card's `model-index` (ours: `rouge`; older cards: `rougeL`)."""
-    results = getattr(getattr(card, "data", None), "eval_results", None) or []
-    return {r.dataset_name: r.metric_value for r in results if r.metric_type in ("rouge", "rougeL")} or None
 
 
 # ----- method, losses, selection -----
@@ -349,84 +264,6 @@ def pruned_init_sentence(selection: UnitSelection | None) -> str | None:
     who = reference_markdown(teacher)
     source = f"the teacher {who}" if who != "not recorded" else "its teacher"
     return f"The student was cut out of {source} (`hf-taskdistill prune`): {', '.join(parts)}."
-
-
-# ----- the keep-k report of `hf-taskdistill select` -----
-def load_selection_report(directory: str | os.PathLike | None) -> dict[str, Any] | None:
-    """`selection_report.json` of a model directory, or None (absent, unreadable or a format this version does not
-    know, with the reason logged)."""
-    path = os.path.join(directory, REPORT_NAME) if directory is not None else None
-    if path is None or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        logger.warning("%s is unreadable (%s): left out of the card.", REPORT_NAME, e)
-        return None
-    if not isinstance(report, dict) or report.get("format_version") != 1:
-        logger.warning("%s has an unknown format_version: left out of the card.", REPORT_NAME)
-        return None
-    return report
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _report_problem(report: Mapping[str, Any], k: int | None) -> str | None:
-    """Why `report_sentence` cannot describe `report` at `k` with real, finite numbers; None when it can."""
-    grid, nll = report.get("k_grid"), report.get("nll")
-    if not isinstance(grid, list) or not grid or not all(_is_int(x) for x in grid):
-        return "no k_grid"
-    if not isinstance(nll, Mapping) or "random" not in nll:
-        return "no `random` curve"
-    if not (_is_int(report.get("d_t")) and _is_int(report.get("layer")) and isinstance(report.get("criterion"), str)):
-        return "no d_t, layer or criterion"
-    if not (report.get("k") is None or _is_int(report["k"])):
-        return "a k that is not an integer"
-    i, _ = sentence_point(report, k)
-    for name in dict.fromkeys((report["criterion"], "random", "activation")):
-        values = nll.get(name, [])
-        if name in nll and (not isinstance(values, list) or len(values) != len(grid) or not _finite(values[i])):
-            return f"no finite `{name}` NLL at k = {grid[i]} (or not one per k of the grid)"
-    if not (_finite(report.get("full_teacher_nll")) and _finite(report.get("mean_floor_nll"))):
-        return "no full-teacher or mean-floor NLL"
-    if not (_is_int(report.get("num_examples")) and _is_int(report.get("num_tokens"))):
-        return "no held-out example and token counts"
-    return None
-
-
-def selection_report_sentence(report: Mapping[str, Any] | None, k: int | None = None) -> str | None:
-    """The keep-k sentence of `selection_report.json`: `hf_taskdistill.report.report_sentence`, the sentence
-    `hf-taskdistill select --report` prints (the pruned student's NLL before/after recovery included when the report
-    has them), at `k` when given (the card passes the selection's k; off the grid, the nearest grid point).
-
-    None, with the reason logged, when there is no report or it lacks a number the sentence states (never a made-up
-    or non-finite number); a malformed `pruned` block only drops the pruned student's part.
-    """
-    if not isinstance(report, Mapping) or not report:
-        return None
-    k = k if _is_int(k) and k > 0 else None
-    problem = _report_problem(report, k)
-    if problem is not None:
-        logger.warning("%s has %s: no keep-k sentence in the card.", REPORT_NAME, problem)
-        return None
-    pruned = report.get("pruned")
-    if pruned is not None and not (
-        isinstance(pruned, Mapping)
-        and (
-            pruned.get("nll_before") is None or (_finite(pruned["nll_before"]) and _is_int(pruned.get("hidden_size")))
-        )
-        and (pruned.get("nll_after") is None or _finite(pruned["nll_after"]))
-    ):
-        logger.warning("%s has a malformed `pruned` block: the card leaves the pruned student out.", REPORT_NAME)
-        report = {**report, "pruned": None}
-    return report_sentence(report, k)
 
 
 # ----- the card -----

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -473,3 +474,81 @@ def report_sentence(report: Mapping[str, Any], k: int | None = None) -> str:
             )
         sentence += "."
     return sentence
+
+
+# ----- the stored report as a model card reads it: lenient, every problem logged, never a made-up number -----
+def load_selection_report(directory: str | os.PathLike | None) -> dict[str, Any] | None:
+    """`selection_report.json` of a model directory, or None (absent, unreadable or a format this version does not
+    know, with the reason logged)."""
+    path = os.path.join(directory, REPORT_NAME) if directory is not None else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("%s is unreadable (%s): left out of the card.", REPORT_NAME, e)
+        return None
+    if not isinstance(report, dict) or report.get("format_version") != 1:
+        logger.warning("%s has an unknown format_version: left out of the card.", REPORT_NAME)
+        return None
+    return report
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _report_problem(report: Mapping[str, Any], k: int | None) -> str | None:
+    """Why `report_sentence` cannot describe `report` at `k` with real, finite numbers; None when it can."""
+    grid, nll = report.get("k_grid"), report.get("nll")
+    if not isinstance(grid, list) or not grid or not all(_is_int(x) for x in grid):
+        return "no k_grid"
+    if not isinstance(nll, Mapping) or "random" not in nll:
+        return "no `random` curve"
+    if not (_is_int(report.get("d_t")) and _is_int(report.get("layer")) and isinstance(report.get("criterion"), str)):
+        return "no d_t, layer or criterion"
+    if not (report.get("k") is None or _is_int(report["k"])):
+        return "a k that is not an integer"
+    i, _ = sentence_point(report, k)
+    for name in dict.fromkeys((report["criterion"], "random", "activation")):
+        values = nll.get(name, [])
+        if name in nll and (not isinstance(values, list) or len(values) != len(grid) or not _finite(values[i])):
+            return f"no finite `{name}` NLL at k = {grid[i]} (or not one per k of the grid)"
+    if not (_finite(report.get("full_teacher_nll")) and _finite(report.get("mean_floor_nll"))):
+        return "no full-teacher or mean-floor NLL"
+    if not (_is_int(report.get("num_examples")) and _is_int(report.get("num_tokens"))):
+        return "no held-out example and token counts"
+    return None
+
+
+def selection_report_sentence(report: Mapping[str, Any] | None, k: int | None = None) -> str | None:
+    """The keep-k sentence of `selection_report.json`: `hf_taskdistill.report.report_sentence`, the sentence
+    `hf-taskdistill select --report` prints (the pruned student's NLL before/after recovery included when the report
+    has them), at `k` when given (the card passes the selection's k; off the grid, the nearest grid point).
+
+    None, with the reason logged, when there is no report or it lacks a number the sentence states (never a made-up
+    or non-finite number); a malformed `pruned` block only drops the pruned student's part.
+    """
+    if not isinstance(report, Mapping) or not report:
+        return None
+    k = k if _is_int(k) and k > 0 else None
+    problem = _report_problem(report, k)
+    if problem is not None:
+        logger.warning("%s has %s: no keep-k sentence in the card.", REPORT_NAME, problem)
+        return None
+    pruned = report.get("pruned")
+    if pruned is not None and not (
+        isinstance(pruned, Mapping)
+        and (
+            pruned.get("nll_before") is None or (_finite(pruned["nll_before"]) and _is_int(pruned.get("hidden_size")))
+        )
+        and (pruned.get("nll_after") is None or _finite(pruned["nll_after"]))
+    ):
+        logger.warning("%s has a malformed `pruned` block: the card leaves the pruned student out.", REPORT_NAME)
+        report = {**report, "pruned": None}
+    return report_sentence(report, k)

@@ -323,16 +323,22 @@ def budget_comparison(short: dict, long: dict, n_boot: int = 2000) -> dict:
     return {"arms": arms, "comparisons": comparisons}
 
 
+def _with_seeds(r: dict, digits: int = 4) -> str:
+    """A pooled difference with its interval over examples and, over several seeds, its seed-level interval."""
+    return _fmt_ci(r, digits) + (f"; seeds {_fmt_seed_ci(r, digits)}" if r.get("seed_ci95") else "")
+
+
 def budget_table(budget: dict, short_steps: int, long_steps: int) -> str:
     """The README's budget check from `budget_comparison`: the arms' dev NLL at both budgets with the paired change,
-    then each headline comparison at both budgets with the change of the difference."""
+    then each headline comparison at both budgets with the change of the difference (intervals over examples; over
+    seeds too where several seeds ran at both budgets)."""
     import statistics
 
     lo, hi = f"{short_steps} steps", f"{long_steps} steps"
     lines = [f"| arm | seeds | dev NLL, {lo} | dev NLL, {hi} | {hi} − {lo} |", "|---" * 5 + "|"]
     for r in budget["arms"]:
         lines.append(f"| {r['arm']} | {','.join(map(str, r['seeds']))} | {statistics.mean(r['short']):.4f} | "
-                     f"{statistics.mean(r['long']):.4f} | {_fmt_ci(r['change'], 4)} |")  # fmt: skip
+                     f"{statistics.mean(r['long']):.4f} | {_with_seeds(r['change'])} |")  # fmt: skip
     lines += [
         "",
         f"| x − y | seeds | Δ dev NLL, {lo} | Δ dev NLL, {hi} | change of the difference |",
@@ -340,7 +346,7 @@ def budget_table(budget: dict, short_steps: int, long_steps: int) -> str:
     ]
     for c in budget["comparisons"]:
         lines.append(f"| {c['x']} − {c['y']} ({c['question']}) | {','.join(map(str, c['seeds']))} | "
-                     f"{_fmt_ci(c['short'], 4)} | {_fmt_ci(c['long'], 4)} | {_fmt_ci(c['change'], 4)} |")  # fmt: skip
+                     f"{_with_seeds(c['short'])} | {_with_seeds(c['long'])} | {_with_seeds(c['change'])} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -256,6 +256,11 @@ def test_budget_check_pairs_the_same_arm_and_comparison_across_budgets(tables):
     assert (c["x"], c["y"], c["seeds"]) == ("C", "A", [0])
     assert c["short"]["diff"] == pytest.approx(0.5) and c["long"]["diff"] == pytest.approx(0.25)
     assert c["change"]["diff"] == pytest.approx(-0.25) and c["change"]["ci95"] == pytest.approx([-0.25, -0.25])
+    two = tables.budget_comparison({**short, "A": {**short["A"], 1: short["A"][0]}},
+                                   {**long, "A": {**long["A"], 1: _run("A", 1, [3.0, 3.0, 1.5], [1, 1, 0], tokens)}},
+                                   n_boot=200)  # fmt: skip
+    assert two["arms"][0]["change"]["per_seed"] == pytest.approx([-0.5, -0.25])  # A, seeds 0 and 1
+    assert "; seeds [" in tables.budget_table(two, 250, 500).splitlines()[2]  # several seeds: the seed-level interval
     md = tables.budget_table(budget, 250, 500).splitlines()
     assert md[0] == "| arm | seeds | dev NLL, 250 steps | dev NLL, 500 steps | 500 steps − 250 steps |"
     assert md[2].startswith("| A | 0 | 1.0000 | 0.5000 | -0.5000 [-0.5000, -0.5000] *")

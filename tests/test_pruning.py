@@ -344,6 +344,9 @@ def test_cli_prune_end_to_end(tmp_path, tokenizer, capsys):
     flags = ["--mlp_criterion", "activation", "--norm_rescale", "lsq", "--output_dir", str(mixed)]
     assert main([*argv[:-6], *flags, *argv[-4:]]) == 0
     assert "criterion fisher (MLP activation)" in capsys.readouterr().out
+    no_mlp_cut = [a for a in argv[:-6] if a not in ("--intermediate_size", "40")]
+    assert main([*no_mlp_cut, "--mlp_criterion", "activation", "--output_dir", str(tmp_path / "bad2")]) == 2
+    assert "give --intermediate_size M too" in capsys.readouterr().err and not (tmp_path / "bad2").exists()
     mixed_init = json.loads((mixed / "config.json").read_text())["task_distill"]["init"]
     assert mixed_init["mlp_criterion"] == "activation" and mixed_init["norm_rescale"] == "lsq"
     assert (

@@ -79,6 +79,8 @@ def run(script_args, prune_args, training_args, model_args):
         raise ValueError("Set the teacher with --teacher_model_name_or_path (a path or Hub id).")
     if prune_args.hidden_size is None:
         raise ValueError("Set the student's width with --hidden_size K.")
+    if prune_args.mlp_criterion is not None and prune_args.intermediate_size is None:
+        raise ValueError("--mlp_criterion scores the MLP neurons of an MLP cut: give --intermediate_size M too.")
     options = dict(
         criterion=prune_args.criterion or pruning.DEFAULT_CRITERION,
         aggregation=prune_args.aggregation,  # None: the criterion's default

@@ -677,11 +677,14 @@ def run_headline(args) -> dict[str, str]:
     """`--headline DIR...`: the README's generated tables from each task's `results.json` (and `cuts.md`, where
     `--cut_report` ran); printed, or with `--write_readme PATH` refilled into PATH's marked spans. A second directory
     of the same task (the same design at another `--steps`) adds that task's budget check, `<task>-budget`."""
-    main_dirs, budget_dirs = {}, {}  # per task: the first directory is the design, a later one its budget check
-    for d in args.headline:
-        task = read_json(os.path.join(d, "results.json"))["task"]
-        (budget_dirs if task in main_dirs else main_dirs).setdefault(task, d)
-    summaries = [read_json(os.path.join(d, "results.json")) for d in main_dirs.values()]
+    main_dirs, budget_dirs, summaries = {}, {}, []  # per task: the first directory is the design, a later one its
+    for d in args.headline:  # budget check
+        summary = read_json(os.path.join(d, "results.json"))
+        if summary["task"] in main_dirs:
+            budget_dirs.setdefault(summary["task"], d)
+        else:
+            main_dirs[summary["task"]] = d
+            summaries.append(summary)
     blocks = generated_blocks(summaries)
     for task, d in budget_dirs.items():
         short, long = main_dirs[task], d

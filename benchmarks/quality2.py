@@ -260,9 +260,19 @@ def dev_summary(dev: dict) -> dict:
             "n_examples": len(dev["tokens"]), "n_tokens": int(sum(dev["tokens"]))}  # fmt: skip
 
 
+def seconds_until(deadline: str, now: time.struct_time) -> int:
+    """Seconds from `now` to the UTC clock time `deadline` ("HH:MM"), which may be after midnight: a deadline up to
+    12 h behind the clock counts as passed (negative), one further behind as tomorrow's."""
+    hh, mm = map(int, deadline.split(":"))
+    left = (hh * 60 + mm) * 60 - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
+    return left + 86400 if left < -12 * 3600 else left
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the parts: scoring statistics, pruned students, cache, arms
 # ----------------------------------------------------------------------------------------------------------------
+
+
 class Bench:
     """State shared by the parts of one (task, profile) run; every part is skipped when its output exists."""
 
@@ -333,9 +343,7 @@ class Bench:
         """False when `--deadline` would be passed by a part expected to take `estimate` seconds."""
         if not self.args.deadline or estimate is None:
             return True
-        hh, mm = map(int, self.args.deadline.split(":"))
-        now = time.gmtime()
-        left = (hh * 60 + mm) * 60 - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
+        left = seconds_until(self.args.deadline, time.gmtime())
         if estimate > left:
             harness.log(
                 f"{part}: expected {estimate:.0f} s, {max(left, 0)} s left before {self.args.deadline}: skipped"

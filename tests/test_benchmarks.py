@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import time
 
 import pytest
 
@@ -134,6 +135,13 @@ def test_compare_runs_pairs_shared_seeds_and_refuses_unpaired(tables):
     runs["C"][0]["dev"]["tokens"] = [4, 4, 3]
     with pytest.raises(ValueError, match="not paired"):
         tables.compare_runs(runs)
+
+
+def test_quality2_deadline_may_be_after_midnight(quality2):
+    at = lambda h, m: time.struct_time((2026, 12, 1, h, m, 0, 1, 335, 0))  # noqa: E731
+    assert quality2.seconds_until("01:30", at(23, 0)) == 9000  # tomorrow's 01:30 (was -77,400: nothing started)
+    assert quality2.seconds_until("22:00", at(23, 0)) == -3600  # an hour ago: passed
+    assert quality2.seconds_until("23:30", at(23, 0)) == 1800
 
 
 def test_quality2_aggregate_table_and_resume_guard(quality2, tables, tmp_path):

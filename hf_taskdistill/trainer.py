@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection
@@ -23,6 +23,7 @@ from trl.models.utils import _ForwardRedirection
 from .cache_host import CachedGKDMixin, CachedTeacherMixin
 from .config import TaskFeatureDistillConfig
 from .hooks import LayerTap
+from .input_checks import check_dataset_columns, check_models, coerce_args
 from .losses import feature_loss, valid_positions
 from .provenance import FLEX_KD_PAPER, cached_revision, is_hub_id, model_reference
 from .scoring import model_inputs, select_task_units
@@ -46,58 +47,6 @@ PROJECTOR_FILE = "_feature_projector.safetensors"  # leading "_": skipped by Tra
 REPORT_FILES = (REPORT_NAME, REPORT_PLOT_NAME)  # written by `hf-taskdistill select --report`
 
 
-def _text_config(model_or_path: Any, init_kwargs: dict | None = None, who: str = "model"):
-    if isinstance(model_or_path, (str, os.PathLike)):
-        name = os.fspath(model_or_path)
-        if not is_hub_id(name) and not os.path.exists(name):
-            raise FileNotFoundError(
-                f"The {who} {name!r} is not an existing local directory (and not a Hub repo id). Check the path."
-            )
-        kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "trust_remote_code", "token")}
-        try:
-            return AutoConfig.from_pretrained(name, **kwargs).get_text_config()
-        except OSError as e:
-            offline = (
-                " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            )
-            where = "local directory" if os.path.isdir(name) else f"Hub repo id{offline}"
-            raise OSError(f"Could not load the {who} config from {name!r}, read as a {where}: {e}") from e
-    model = model_or_path.get_base_model() if hasattr(model_or_path, "get_base_model") else model_or_path
-    return model.config.get_text_config()
-
-
-def _check_dataset_columns(dataset, needed: list[tuple[str, ...]], host: str, hint: str) -> None:
-    columns = getattr(dataset, "column_names", None)
-    if dataset is None or columns is None:
-        return
-    if isinstance(columns, dict):  # DatasetDict
-        raise ValueError(f"Pass a single split (e.g. dataset['train']), not a DatasetDict with {list(columns)}.")
-    if not any(all(c in columns for c in option) for option in needed):
-        wanted = " or ".join("+".join(option) for option in needed)
-        raise ValueError(f"The {host} trainer needs dataset column(s) {wanted}; the dataset has {columns}. {hint}")
-
-
-def _coerce_args(args: Any, model: Any, trainer_name: str) -> TaskFeatureDistillConfig:
-    """`args=None` -> defaults (output_dir named after the model, as TRL does); a parent config (`TrainingArguments`,
-    `SFTConfig`, `GKDConfig`) -> converted with every field kept, the feature fields defaulted."""
-    if args is None:
-        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
-        name = os.path.basename(os.path.normpath(name or "model")) or "model"
-        return TaskFeatureDistillConfig(output_dir=f"{name}-distilled")
-    if isinstance(args, TaskFeatureDistillConfig):
-        return args
-    try:
-        converted = TaskFeatureDistillConfig.from_training_args(args)
-    except TypeError as e:
-        raise TypeError(
-            f"{trainer_name} got args of type {type(args).__name__}. Pass a TaskFeatureDistillConfig, e.g. "
-            "`args=TaskFeatureDistillConfig(output_dir=..., feature_loss_weight=1.0)`, or a TrainingArguments / "
-            "SFTConfig / GKDConfig (converted: every field kept, the feature fields at their defaults)."
-        ) from e
-    logger.info("Converted %s to TaskFeatureDistillConfig (feature fields at their defaults).", type(args).__name__)
-    return converted
-
-
 def _sanitized_reference(reference: dict | None) -> dict | None:
     """A stored teacher reference with any local path reduced to a local label (old selections stored paths)."""
     if not reference or not (reference.get("model_id") or reference.get("local_name")):
@@ -118,44 +67,6 @@ class _FeatureDistillMixin(CachedTeacherMixin):
     def _base_student(self) -> nn.Module:
         """The student without its PEFT wrapper (the model whose config and layers the selection refers to)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-    def _precheck(self, model, teacher_model, args: TaskFeatureDistillConfig) -> None:
-        if not isinstance(args, TaskFeatureDistillConfig):
-            raise TypeError(f"args must be a TaskFeatureDistillConfig, got {type(args).__name__}.")
-        if args.logit_loss is not None and args.logit_loss != self._default_logit_loss:
-            other = "FeatureDistillSFTTrainer" if args.logit_loss == "none" else "FeatureDistillTrainer"
-            raise ValueError(
-                f"{type(self).__name__} trains with logit_loss={self._default_logit_loss!r}, but the config asks "
-                f"for {args.logit_loss!r}: use {other} (the CLI picks it from logit_loss)."
-            )
-        student_cfg = _text_config(model, getattr(args, "model_init_kwargs", None), "student")
-        if args.teacher_cache:
-            return  # no teacher: the cache's header is checked against the tokenizer and selection at set-up
-        if teacher_model is None:
-            raise ValueError(
-                "A teacher is required: pass `teacher_model` (a model or a path / Hub id), or `teacher_cache`."
-            )
-        teacher_cfg = _text_config(teacher_model, args.teacher_model_init_kwargs, "teacher")
-        if student_cfg.vocab_size != teacher_cfg.vocab_size:
-            raise ValueError(
-                f"Vocabulary mismatch: the student has vocab_size {student_cfg.vocab_size}, the teacher "
-                f"{teacher_cfg.vocab_size}. Logit KD and feature KD both need one shared tokenizer: build the student "
-                "on the teacher's tokenizer (same vocab_size)."
-            )
-        d_s, d_t = student_cfg.hidden_size, teacher_cfg.hidden_size
-        k = args.selection_num_units
-        if args.feature_loss_weight > 0 and not args.feature_projector:
-            if k is None and d_s > d_t:
-                raise ValueError(
-                    f"The student (hidden size {d_s}) is wider than the teacher ({d_t}), so {d_s} teacher units "
-                    f"cannot be selected. Set `selection_num_units` <= {d_t} (only the first k student units are "
-                    "then matched), or use `feature_projector=True`."
-                )
-            if k is not None and k > min(d_s, d_t):
-                raise ValueError(
-                    f"selection_num_units={k} exceeds min(student hidden size {d_s}, teacher hidden size {d_t})."
-                )
-        args.resolve_layer_pairs(student_cfg.num_hidden_layers, teacher_cfg.num_hidden_layers)  # bad index: error
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Place the teacher for the engine in use, as TRL does for its own teachers: DeepSpeed (ZeRO-3 shards it),
@@ -564,15 +475,10 @@ class FeatureDistillTrainer(CachedGKDMixin, _FeatureDistillMixin, GKDTrainer):
 
     def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
                  train_dataset=None, unit_selection=None, dataset_name: str | None = None, **kwargs):  # fmt: skip
-        args = _coerce_args(args, model, type(self).__name__)
+        args = coerce_args(args, model, type(self).__name__)
         self._dataset_name = dataset_name
-        self._precheck(model, teacher_model, args)
-        _check_dataset_columns(
-            train_dataset, [("messages",)], "GKD-host",
-            "Dolly- or DialogSum-shaped JSONL: load it with hf_taskdistill.data.load_task_dataset(path, "
-            "format='messages') (then fit_to_max_length); other prompt/completion data: map it to "
-            "{'messages': [...prompt turns, assistant turn]}, or use FeatureDistillSFTTrainer.",
-        )  # fmt: skip
+        check_models(model, teacher_model, args, type(self).__name__, self._default_logit_loss)
+        check_dataset_columns(train_dataset, "gkd")
         references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
         if args.teacher_cache:
             self._init_without_teacher(model, args, train_dataset, kwargs)
@@ -608,14 +514,10 @@ class FeatureDistillSFTTrainer(_FeatureDistillMixin, SFTTrainer):
 
     def __init__(self, model=None, teacher_model=None, args: TaskFeatureDistillConfig | None = None,
                  train_dataset=None, unit_selection=None, dataset_name: str | None = None, **kwargs):  # fmt: skip
-        args = _coerce_args(args, model, type(self).__name__)
+        args = coerce_args(args, model, type(self).__name__)
         self._dataset_name = dataset_name
-        self._precheck(model, teacher_model, args)
-        _check_dataset_columns(
-            train_dataset, [("prompt", "completion"), ("messages",), ("text",), ("input_ids",)], "SFT-host",
-            "Dolly- or DialogSum-shaped JSONL: load it with hf_taskdistill.data.load_task_dataset(path, "
-            "format='prompt_completion') (then fit_to_max_length).",
-        )  # fmt: skip
+        check_models(model, teacher_model, args, type(self).__name__, self._default_logit_loss)
+        check_dataset_columns(train_dataset, "sft")
         references = {"teacher": model_reference(teacher_model), "student": model_reference(model)}
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         if args.teacher_cache:

@@ -685,8 +685,9 @@ def run_headline(args) -> dict[str, str]:
     """`--headline DIR...`: the README's generated tables from each task's `results.json` (and `cuts.md`, where
     `--cut_report` ran); printed, or with `--write_readme PATH` refilled into PATH's marked spans. A second directory
     of the same task (the same design at another `--steps`) adds that task's budget check, `<task>-budget`."""
-    main_dirs, budget_dirs, summaries = {}, {}, []  # per task: the first directory is the design, a later one its
-    for d in args.headline:  # budget check
+    # per task: the first directory is the design, a later one its budget check
+    main_dirs, budget_dirs, summaries = {}, {}, []
+    for d in args.headline:
         summary = read_json(os.path.join(d, "results.json"))
         if summary["task"] in main_dirs:
             budget_dirs.setdefault(summary["task"], d)
